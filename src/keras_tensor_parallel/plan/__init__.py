@@ -1,0 +1,25 @@
+"""Backend-neutral planning: extract the dataflow, decide the split.
+
+Imports keras only to read layers; never jax, torch or tensorflow.
+"""
+
+from keras_tensor_parallel.plan.plan import (
+    DATA_AXIS,
+    MODEL_AXIS,
+    Role,
+    ShardingPlan,
+    VariablePlan,
+    format_bytes,
+)
+from keras_tensor_parallel.plan.planner import apply_overrides, plan_model
+
+__all__ = [
+    "DATA_AXIS",
+    "MODEL_AXIS",
+    "Role",
+    "ShardingPlan",
+    "VariablePlan",
+    "apply_overrides",
+    "format_bytes",
+    "plan_model",
+]

@@ -1,0 +1,239 @@
+"""Extract an op-level dataflow graph from any built Keras model.
+
+The model is called once on symbolic `KerasTensor`s of concrete shape.
+Layers the planner has a rule for (Dense, EinsumDense, Embedding, norms, ...)
+stay leaves; every other layer, Functional and subclassed alike (KerasHub
+transformer blocks, `MultiHeadAttention`), is traced *into*: its `call` runs
+on the symbolic tensors, so each `keras.ops` call inside records a node. The
+result is the dataflow between leaf layers through every reshape, einsum,
+softmax and residual add, without reading layer names.
+
+Layers whose `call` cannot run symbolically are kept whole ("opaque"); the
+planner replicates what it cannot see through and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import keras
+from keras.src.backend import KerasTensor
+from keras.src.ops.operation import Operation
+
+_TRACE_BATCH = 2
+_TRACE_SEQUENCE = 16
+
+
+@dataclasses.dataclass
+class OpNode:
+    """One call of an op or leaf layer during the trace."""
+
+    index: int
+    op: Operation
+    inputs: list[KerasTensor]
+    outputs: list[KerasTensor]
+    args: tuple
+    kwargs: dict
+    opaque_reason: str = ""
+
+    @property
+    def is_layer(self) -> bool:
+        return isinstance(self.op, keras.layers.Layer)
+
+    @property
+    def type_name(self) -> str:
+        return type(self.op).__name__
+
+    @property
+    def name(self) -> str:
+        return getattr(self.op, "path", None) or self.op.name
+
+
+@dataclasses.dataclass
+class ModelGraph:
+    """Op-level dataflow of one model call.
+
+    Attributes:
+        nodes: Calls in execution (topological) order.
+        producer: tensor id -> index of the node that produced it.
+        consumers: tensor id -> list of (node index, input position).
+        outputs: ids of the model's output tensors.
+        inputs: the symbolic model inputs.
+    """
+
+    nodes: list[OpNode]
+    producer: dict[int, int]
+    consumers: dict[int, list[tuple[int, int]]]
+    outputs: set[int]
+    inputs: list[KerasTensor]
+
+    def layer_nodes(self, layer) -> list[OpNode]:
+        return [n for n in self.nodes if n.op is layer]
+
+    def opaque_nodes(self) -> list[OpNode]:
+        return [n for n in self.nodes if n.opaque_reason]
+
+
+def symbolic_inputs(model) -> object:
+    """Symbolic inputs of concrete shape matching the model's inputs."""
+    spec = getattr(model, "_inputs_struct", None)
+    if spec is None:
+        try:
+            spec = model.inputs if model.inputs else None
+        except (AttributeError, ValueError):
+            spec = None
+    if spec is None:
+        shape = getattr(model, "_build_shapes_dict", None) or {}
+        if len(shape) == 1:
+            only = next(iter(shape.values()))
+            spec = KerasTensor(only, dtype="float32")
+    if spec is None:
+        raise ValueError(
+            "Cannot find the input signature of the model: call it once on "
+            f"data or build it with `model.build(shape)`. Received: {model}"
+        )
+    return keras.tree.map_structure(_concrete, spec)
+
+
+def _concrete(t):
+    shape = tuple(
+        d if d is not None else (_TRACE_BATCH if i == 0 else _TRACE_SEQUENCE)
+        for i, d in enumerate(t.shape)
+    )
+    return KerasTensor(shape, dtype=t.dtype)
+
+
+def extract_graph(
+    model, is_leaf: Callable[[keras.layers.Layer], bool]
+) -> ModelGraph:
+    """Trace `model` into a `ModelGraph`.
+
+    Args:
+        model: A built Keras model.
+        is_leaf: Predicate naming layers to keep whole (those the planner has
+            a rule for).
+
+    Returns:
+        The graph. The model's own node lists are restored afterwards, so the
+        trace leaves no trace on the model.
+    """
+    inputs = symbolic_inputs(model)
+    nodes: list[OpNode] = []
+    layers = list(model._flatten_layers(include_self=True))
+    saved = {
+        id(la): (len(la._inbound_nodes), len(la._outbound_nodes))
+        for la in layers
+    }
+
+    def record(op, args, kwargs, outputs, reason=""):
+        flat_in = [
+            t
+            for t in keras.tree.flatten((args, kwargs))
+            if isinstance(t, KerasTensor)
+        ]
+        flat_out = [
+            t for t in keras.tree.flatten(outputs) if isinstance(t, KerasTensor)
+        ]
+        nodes.append(
+            OpNode(len(nodes), op, flat_in, flat_out, args, kwargs, reason)
+        )
+
+    orig_op_call = Operation.symbolic_call
+    orig_layer_call = keras.layers.Layer.symbolic_call
+
+    def op_symbolic_call(self, *args, **kwargs):
+        outputs = self.compute_output_spec(*args, **kwargs)
+        _densify(args, kwargs, outputs)
+        record(self, args, kwargs, outputs)
+        return outputs
+
+    def layer_symbolic_call(self, *args, **kwargs):
+        if is_leaf(self):
+            outputs = _leaf_output_spec(self, args, kwargs)
+            record(self, args, kwargs, outputs)
+            return outputs
+        mark = len(nodes)
+        try:
+            return self.call(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure makes it opaque
+            del nodes[mark:]
+            outputs = self.compute_output_spec(*args, **kwargs)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            record(self, args, kwargs, outputs, reason=reason or "opaque")
+            return outputs
+
+    Operation.symbolic_call = op_symbolic_call
+    keras.layers.Layer.symbolic_call = layer_symbolic_call
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs = _call_model(model, inputs)
+    finally:
+        Operation.symbolic_call = orig_op_call
+        keras.layers.Layer.symbolic_call = orig_layer_call
+        for la in layers:
+            n_in, n_out = saved[id(la)]
+            del la._inbound_nodes[n_in:]
+            del la._outbound_nodes[n_out:]
+
+    producer: dict[int, int] = {}
+    consumers: dict[int, list[tuple[int, int]]] = {}
+    for node in nodes:
+        for pos, t in enumerate(node.inputs):
+            consumers.setdefault(id(t), []).append((node.index, pos))
+        for t in node.outputs:
+            producer.setdefault(id(t), node.index)
+    out_ids = {
+        id(t) for t in keras.tree.flatten(outputs) if isinstance(t, KerasTensor)
+    }
+    return ModelGraph(
+        nodes, producer, consumers, out_ids, keras.tree.flatten(inputs)
+    )
+
+
+def _densify(args, kwargs, outputs) -> None:
+    """Keep outputs dense unless an input is sparse.
+
+    Some ops mark their output sparse when an operand is a backend array
+    with no `sparse` attribute (e.g. `x * jnp.float32(8)`); the trace does
+    not model sparsity, and a spurious sparse flag breaks later shape
+    inference.
+    """
+    if any(
+        getattr(t, "sparse", False)
+        for t in keras.tree.flatten((args, kwargs))
+        if isinstance(t, KerasTensor)
+    ):
+        return
+    for t in keras.tree.flatten(outputs):
+        if isinstance(t, KerasTensor):
+            t._sparse = False
+
+
+def _call_model(model, inputs):
+    kwargs = {}
+    if getattr(model, "_call_has_training_arg", False):
+        kwargs["training"] = False
+    # `symbolic_call` is patched, so even a Functional model runs its graph
+    # through `call` layer by layer.
+    return keras.layers.Layer.symbolic_call(model, inputs, **kwargs)
+
+
+def _leaf_output_spec(layer, args, kwargs):
+    """Output spec of a leaf, with concrete shapes where the layer's own
+    shape inference leaves dims unknown (EinsumDense does)."""
+    spec = layer.compute_output_spec(*args, **kwargs)
+    if all(
+        None not in t.shape
+        for t in keras.tree.flatten(spec)
+        if isinstance(t, KerasTensor)
+    ):
+        return spec
+    try:
+        return keras.src.backend.compute_output_spec(
+            layer.call, *args, **kwargs
+        )
+    except Exception:  # noqa: BLE001 - keep the layer's own answer
+        return spec
