@@ -1,0 +1,585 @@
+"""The verify report: check rows, a summary table, report.md/json + plots.
+
+Everything here works on plain data (the check results reduced to numbers
+and dicts), so `report.json` alone is enough to redraw the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from keras_tensor_parallel.verify import plots
+
+
+@dataclasses.dataclass
+class CheckRow:
+    """One check's outcome, as reported.
+
+    Attributes:
+        name: Check name (`forward`, `gradients`, ...).
+        passed: Whether `value` met `threshold`.
+        value: The measured figure.
+        threshold: The bound it is held to (pass when `value <= threshold`).
+        metric: What `value` measures, in words.
+        seconds: Wall-clock time of the check.
+        detail: Extra data (per-variable diffs, bytes per device...).
+        note: A line for the report (e.g. the model actually used).
+        error: Set when the check could not run.
+    """
+
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    metric: str = ""
+    seconds: float = 0.0
+    detail: dict = dataclasses.field(default_factory=dict)
+    note: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+
+def row_from_result(
+    result, *, seconds: float, metric: str = "", tolerance=None, note=""
+) -> CheckRow:
+    """A `CheckRow` from a check result (`.name .passed .value .threshold
+    .detail`). With `tolerance`, the threshold is replaced by it and the
+    pass/fail re-judged as `value <= tolerance` (`--tolerance` in the CLI).
+    """
+    value = _float(getattr(result, "value", None))
+    threshold = _float(getattr(result, "threshold", None))
+    passed = bool(getattr(result, "passed", False))
+    if tolerance is not None and value is not None:
+        threshold = float(tolerance)
+        passed = value <= threshold
+    return CheckRow(
+        name=str(getattr(result, "name", "check")),
+        passed=passed,
+        value=value,
+        threshold=threshold,
+        metric=metric,
+        seconds=round(seconds, 2),
+        detail=dict(getattr(result, "detail", {}) or {}),
+        note=note,
+    )
+
+
+def failed_row(name: str, error: str, *, seconds: float = 0.0) -> CheckRow:
+    """A row for a check that raised or could not be run."""
+    return CheckRow(
+        name, False, None, None, seconds=round(seconds, 2), error=error
+    )
+
+
+def fmt(x) -> str:
+    """A number for tables: scientific when small or large."""
+    if x is None:
+        return "-"
+    x = float(x)
+    if x == 0:
+        return "0"
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    if 1e-2 <= abs(x) < 1e4:
+        return f"{x:.4f}"
+    return f"{x:.2e}"
+
+
+def summary_rows(rows: list[CheckRow]) -> list[tuple[str, ...]]:
+    """(check, status, measured, threshold, metric, seconds) per row."""
+    out = []
+    for r in rows:
+        status = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
+        out.append(
+            (
+                r.name,
+                status,
+                fmt(r.value),
+                ("<= " + fmt(r.threshold)) if r.threshold is not None else "-",
+                r.error or r.metric,
+                f"{r.seconds:.1f}",
+            )
+        )
+    return out
+
+
+SUMMARY_HEADER = ("check", "result", "measured", "threshold", "what", "s")
+
+
+def rich_table(rows: list[CheckRow], *, title: str = ""):
+    """The summary as a `rich.table.Table`."""
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for h in SUMMARY_HEADER:
+        table.add_column(
+            h, justify="right" if h in ("measured", "s") else "left"
+        )
+    for cells in summary_rows(rows):
+        color = {"PASS": "green", "FAIL": "red", "ERROR": "red"}[cells[1]]
+        table.add_row(cells[0], f"[{color}]{cells[1]}[/]", *cells[2:])
+    return table
+
+
+def markdown_table(header, rows) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in rows:
+        cells = [str(c).replace("|", "\\|") for c in r]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str, report: dict) -> dict:
+    """Write report.json, the PNG plots and report.md under `out_dir`.
+
+    Args:
+        report: `{"model", "world_size", "checks": [CheckRow dicts],
+            "training": {...} or None, "plan_summary": [...], ...}`.
+
+    Returns:
+        `{name: path}` of the files written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    files = draw_plots(out_dir, report)
+    report = dict(
+        report, plots={k: os.path.basename(v) for k, v in files.items()}
+    )
+    json_path = os.path.join(out_dir, "report.json")
+    with open(json_path, "w") as f:
+        json.dump(_jsonable(report), f, indent=2)
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w") as f:
+        f.write(render_markdown(report))
+    return {"report.md": md_path, "report.json": json_path, **files}
+
+
+def _check(report: dict, name: str) -> dict | None:
+    for c in report.get("checks", []):
+        if c["name"] == name and not c.get("error"):
+            return c
+    return None
+
+
+def draw_plots(out_dir: str, report: dict) -> dict:
+    """The PNGs the report's data allows; `{name: path}`."""
+    files = {}
+    n = report["world_size"]
+    training = report.get("training")
+    if training and training.get("losses_single"):
+        files["loss_curves"] = plots.loss_curves(
+            os.path.join(out_dir, "loss_curves.png"),
+            training["losses_single"],
+            training["losses_tp"],
+            world_size=n,
+            subtitle=training.get("model", ""),
+        )
+    memory = _check(report, "memory")
+    if memory:
+        single, per_device = memory_breakdown(memory["detail"])
+        if per_device:
+            files["memory"] = plots.memory_bars(
+                os.path.join(out_dir, "memory.png"),
+                single,
+                per_device,
+                title=f"{report['model']}: bytes per device, world size {n}",
+            )
+    grads = _check(report, "gradients")
+    if grads:
+        diffs = grad_diffs(grads["detail"])
+        if diffs:
+            files["grad_diffs"] = plots.grad_diff_hist(
+                os.path.join(out_dir, "grad_diffs.png"),
+                diffs,
+                threshold=grads.get("threshold"),
+            )
+    return files
+
+
+def grad_diffs(detail: dict) -> dict:
+    """`{variable: max abs diff}` from a gradient check's detail."""
+    for key in ("per_variable", "max_abs_diffs", "diffs", "per_variable_max"):
+        value = detail.get(key)
+        if isinstance(value, dict) and value:
+            return {k: float(v) for k, v in value.items()}
+    return {}
+
+
+def memory_breakdown(detail: dict) -> tuple[dict, dict]:
+    """`(single, per_device)` as `{"params", "optimizer"}` bytes dicts."""
+    single = detail.get("single") or detail.get("single_device") or {}
+    if not isinstance(single, dict):
+        single = {"params": single, "optimizer": 0}
+    per_device = detail.get("per_device") or {}
+    if isinstance(per_device, list):
+        per_device = {f"device {i}": v for i, v in enumerate(per_device)}
+    if not per_device and "per_device_params_bytes" in detail:
+        params = detail["per_device_params_bytes"]
+        opt = detail.get("per_device_optimizer_bytes", {})
+        per_device = {
+            d: {"params": params[d], "optimizer": opt.get(d, 0)} for d in params
+        }
+        single = {
+            "params": detail.get("single_device_params_bytes", 0),
+            "optimizer": detail.get("single_device_optimizer_bytes", 0),
+        }
+    return single, per_device
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown (the PNGs linked by relative path)."""
+    checks = [CheckRow(**c) for c in report["checks"]]
+    ok = all(c.passed for c in checks)
+    n = report["world_size"]
+    lines = [
+        f"# keras-tp verify: {report['model']}, world size {n}",
+        "",
+        f"**Result: {'all checks passed' if ok else 'FAILED'}** "
+        f"({sum(c.passed for c in checks)}/{len(checks)} checks passed).",
+        "",
+        f"- model: {report.get('description', report['model'])}",
+        f"- backend: {report.get('backend', 'jax')} on "
+        f"{report.get('devices', '?')}",
+        "- reference: the same model on one device, same initial weights",
+        f"- run: {report.get('started', '')}, "
+        f"{report.get('duration_s', 0):.0f} s in all",
+    ]
+    if report.get("tolerance") is not None:
+        lines.append(
+            f"- **every threshold was replaced by --tolerance "
+            f"{report['tolerance']}**"
+        )
+    lines += [
+        "",
+        "## Checks",
+        "",
+        markdown_table(SUMMARY_HEADER, summary_rows(checks)),
+        "",
+        "A check passes when the measured figure is at or below its threshold.",
+        "",
+    ]
+    for c in checks:
+        if c.note:
+            lines.append(f"- **{c.name}**: {c.note}")
+    lines.append("")
+    plots_ = report.get("plots", {})
+    if "loss_curves" in plots_:
+        lines += [
+            "## Training on real text",
+            "",
+            _training_text(report.get("training") or {}),
+            "",
+            f"![loss curves]({plots_['loss_curves']})",
+            "",
+        ]
+    if "memory" in plots_:
+        lines += [
+            "## Memory per device",
+            "",
+            "Parameters and optimizer state actually held by each device "
+            "(from the shards), against the whole model on one device.",
+            "",
+            f"![memory per device]({plots_['memory']})",
+            "",
+        ]
+    if "grad_diffs" in plots_:
+        lines += [
+            "## Gradient differences",
+            "",
+            "Largest absolute difference between the TP gradient and the "
+            "single-device gradient, one count per variable.",
+            "",
+            f"![gradient differences]({plots_['grad_diffs']})",
+            "",
+        ]
+    if report.get("plan_summary"):
+        lines += ["## Sharding plan", "", "```"]
+        lines += report["plan_summary"]
+        lines += ["```", "", "Full plan: `keras-tp plan "
+                  f"{report['model']} --world-size {n}`.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _training_text(training: dict) -> str:
+    parts = [
+        f"{training.get('steps', '?')} optimizer steps of a causal LM on "
+        f"{training.get('data', 'text')}, batch {training.get('batch_size')}"
+        f" × {training.get('seq_len')} tokens, same batches and initial "
+        "weights on both sides."
+    ]
+    if training.get("model"):
+        parts.append(f"Model: {training['model']}.")
+    return " ".join(parts)
+
+
+def _float(x):
+    if x is None:
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _jsonable(x):
+    """Numbers, strings, lists and dicts only (numpy scalars converted)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, bool, int)) or x is None:
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if hasattr(x, "tolist"):
+        return _jsonable(x.tolist())
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+# Running the checks ----------------------------------------------------------
+
+CHECK_NAMES = ("forward", "gradients", "memory", "training")
+_METRICS = {
+    "forward": "max |out diff| / max(1, max |out|)",
+    "gradients": "worst variable: max |grad diff| / max(1, max |grad|)",
+    "memory": "worst device bytes (params + Adam) / one device's",
+    "loss_per_step": "max relative loss difference over steps",
+    "weights": "max relative weight difference after the last step",
+    "optimizer_slots": "Adam slots not sharded like their parameter (0/1)",
+}
+_ROW_NAMES = {
+    "loss_per_step": "training loss",
+    "weights": "optimizer steps",
+    "optimizer_slots": "optimizer slots",
+}
+
+
+class ConsoleProgress:
+    """Live progress on a rich console: a spinner per check, then a line."""
+
+    def __init__(self, console):
+        self.console = console
+        self._status = None
+
+    def start(self, index: int, total: int, name: str) -> None:
+        self._prefix = f"[{index}/{total}]"
+        self._status = self.console.status(f"{self._prefix} {name} ...")
+        self._status.start()
+
+    def done(self, rows: list[CheckRow]) -> None:
+        if self._status is not None:
+            self._status.stop()
+        for r in rows:
+            status = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
+            figure = r.error or f"{fmt(r.value)} <= {fmt(r.threshold)}"
+            self.console.print(
+                f"{self._prefix} {r.name:<16} {status}  {figure}  "
+                f"({r.seconds:.1f} s)"
+            )
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    rows: list
+    training: dict | None
+    plan_summary: list
+
+
+def run_checks(
+    spec,
+    world_size: int,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    train_model: str = "auto",
+    tolerance=None,
+    progress=None,
+) -> VerifyResult:
+    """Forward, gradients, memory and training checks of `spec` (a
+    `models.ModelSpec`) at `world_size` against one device."""
+    import time
+
+    from keras_tensor_parallel.verify import checks
+
+    x = spec.inputs(batch_size, seq_len, seed)
+    rows: list[CheckRow] = []
+    training_data = None
+    plan_summary: list = []
+    jobs = [
+        ("forward", lambda: checks.compare_forward(
+            spec.build, world_size, inputs=x, seed=seed)),
+        ("gradients", lambda: checks.compare_gradients(
+            spec.build, world_size, inputs=x, seed=seed)),
+        ("memory", lambda: checks.memory_check(
+            spec.build, world_size, seed=seed)),
+    ]  # fmt: skip
+    total = len(jobs) + 1
+    for i, (name, job) in enumerate(jobs, 1):
+        if progress:
+            progress.start(i, total, name)
+        t0 = time.time()
+        try:
+            row = row_from_result(
+                job(),
+                seconds=time.time() - t0,
+                metric=_METRICS[name],
+                tolerance=tolerance,
+            )
+        except Exception as e:  # noqa: BLE001 - a failed check, reported
+            row = failed_row(name, _one_line(e), seconds=time.time() - t0)
+        rows.append(row)
+        if progress:
+            progress.done([row])
+    if progress:
+        progress.start(total, total, "training")
+    t0 = time.time()
+    try:
+        train_rows, training_data = _training_rows(
+            spec, world_size, steps=steps, batch_size=batch_size,
+            seq_len=seq_len, seed=seed, train_model=train_model,
+            tolerance=tolerance,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a failed check, reported
+        train_rows = [
+            failed_row("training", _one_line(e), seconds=time.time() - t0)
+        ]
+    for r in train_rows:
+        r.seconds = round((time.time() - t0) / len(train_rows), 2)
+    rows += train_rows
+    if progress:
+        progress.done(train_rows)
+    try:
+        plan_summary = _plan_summary(spec, world_size, seed)
+    except Exception:  # noqa: BLE001 - the plan is context, not a check
+        plan_summary = []
+    return VerifyResult(rows, training_data, plan_summary)
+
+
+def _training_rows(
+    spec, world_size, *, steps, batch_size, seq_len, seed, train_model,
+    tolerance,
+):  # fmt: skip
+    import keras
+    import numpy as np
+
+    from keras_tensor_parallel import models
+    from keras_tensor_parallel.verify import data, training
+
+    if spec.causal_lm:
+        build, description = models.pick_builder(spec, train_model)
+        text = data.stdlib_corpus(max_bytes=2_000_000)
+        x, y = data.lm_batches(
+            text, batch_size=batch_size, seq_len=seq_len, steps=steps,
+            seed=seed,
+        )  # fmt: skip
+        result = training.compare_training(
+            lambda: training.causal_lm(build()),
+            world_size,
+            inputs=training.lm_inputs(x),
+            targets=y,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        source = "the Python standard library's source (bytes)"
+        note = f"causal LM on {source}; model: {description}"
+    else:
+        keras.utils.set_random_seed(seed)
+        probe = spec.build()
+        x = spec.inputs(steps * batch_size, seq_len, seed)
+        out = probe(x)
+        if not hasattr(out, "shape"):
+            raise ValueError(
+                "not a causal LM and several outputs: no training check"
+            )
+        rng = np.random.RandomState(seed + 1)
+        y = rng.randn(*out.shape).astype("float32")
+        result = training.compare_training(
+            spec.build, world_size, inputs=x, targets=y, loss="mse",
+            optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
+            steps=steps, batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+        source = "random regression targets (mse)"
+        description = spec.description
+        note = f"not a token LM: {source}"
+    rows = []
+    for check in result.checks:
+        row = row_from_result(
+            check,
+            seconds=0.0,
+            metric=_METRICS.get(check.name, ""),
+            tolerance=tolerance,
+            note=note if check.name == "loss_per_step" else "",
+        )
+        row.name = _ROW_NAMES.get(check.name, check.name)
+        row.detail = {}  # per-variable figures stay out of the table
+        rows.append(row)
+    training_data = {
+        "losses_single": [float(v) for v in result.losses_single],
+        "losses_tp": [float(v) for v in result.losses_tp],
+        "max_loss_rel_diff": float(result.max_loss_rel_diff),
+        "max_weight_rel_diff": float(result.max_weight_rel_diff),
+        "model": description,
+        "data": source,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+    }
+    return rows, training_data
+
+
+def _plan_summary(spec, world_size, seed) -> list:
+    import keras
+
+    from keras_tensor_parallel.plan import plan_model
+
+    keras.utils.set_random_seed(seed)
+    return plan_model(spec.build(), world_size).summary_lines()
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+def report_dict(spec, args, device_ids, result, *, started, tolerance):
+    """The data behind report.md/json."""
+    import time
+
+    import keras
+
+    return {
+        "model": spec.name,
+        "description": spec.description,
+        "world_size": args.world_size,
+        "backend": keras.backend.backend(),
+        "devices": ", ".join(device_ids),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "duration_s": time.time() - started,
+        "settings": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+            "train_model": args.train_model,
+        },
+        "tolerance": tolerance,
+        "passed": all(r.passed for r in result.rows),
+        "checks": [r.to_dict() for r in result.rows],
+        "training": result.training,
+        "plan_summary": result.plan_summary,
+    }
