@@ -1,0 +1,264 @@
+"""Paired training: the same steps on one device and under tensor
+parallelism, from the same weights and data, compared step by step."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from keras_tensor_parallel.backends import jax as engine_lib
+from keras_tensor_parallel.verify.checks import (
+    Check,
+    build_tp_pair,
+    logical,
+    model_gradients,
+    scaled_diffs,
+)
+
+_CAUSAL_LM = {
+    "OPTBackbone": "OPTCausalLM",
+    "GPT2Backbone": "GPT2CausalLM",
+    "LlamaBackbone": "LlamaCausalLM",
+    "GemmaBackbone": "GemmaCausalLM",
+}
+
+
+def causal_lm(backbone) -> keras.Model:
+    """A model whose output is next-token logits over the vocabulary.
+
+    KerasHub backbones with a CausalLM task get that task (no
+    preprocessor); any other backbone with a reversible `token_embedding`
+    gets a functional head tying the embedding.
+
+    Example:
+
+    ```python
+    lm = causal_lm(zoo.opt(vocabulary_size=256, num_layers=2))
+    ```
+    """
+    import keras_hub
+
+    task = _CAUSAL_LM.get(type(backbone).__name__)
+    if task is not None:
+        return getattr(keras_hub.models, task)(
+            backbone=backbone, preprocessor=None
+        )
+    embedding = getattr(backbone, "token_embedding", None)
+    if embedding is None:
+        raise ValueError(
+            "causal_lm needs a backbone with a `token_embedding`. "
+            f"Received: {type(backbone).__name__}"
+        )
+    outputs = embedding(backbone(backbone.input), reverse=True)
+    return keras.Model(backbone.input, outputs, name="causal_lm")
+
+
+def lm_inputs(token_ids) -> dict:
+    """Backbone inputs for a batch of token ids (no padding)."""
+    token_ids = np.asarray(token_ids, dtype="int32")
+    return {
+        "token_ids": token_ids,
+        "padding_mask": np.ones_like(token_ids),
+    }
+
+
+@dataclasses.dataclass
+class TrainingComparison:
+    """Result of `compare_training`.
+
+    Attributes:
+        losses_single: Per-step training loss on one device.
+        losses_tp: Per-step training loss under tensor parallelism.
+        max_loss_rel_diff: Worst `|l_tp - l_ref| / |l_ref|` over steps.
+        weight_rel_diffs: Per variable, `max|w_tp - w_ref| / max|w_ref|`
+            after the last step.
+        max_weight_rel_diff: The worst of those, leaving out variables
+            whose exact gradient is zero (see `null_gradient_variables`).
+        slots_sharded: Every optimizer slot shaped like its parameter has
+            the parameter's per-device shard shapes (and at least one
+            sharded slot exists).
+        slot_detail: Slots checked, sharded slots, mismatches.
+        checks: `Check`s for losses, weights and slots.
+    """
+
+    losses_single: list
+    losses_tp: list
+    max_loss_rel_diff: float
+    weight_rel_diffs: dict
+    max_weight_rel_diff: float
+    slots_sharded: bool
+    slot_detail: dict
+    checks: list
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def _take(x, rows):
+    if isinstance(x, dict):
+        return {k: v[rows] for k, v in x.items()}
+    return x[rows]
+
+
+def _num_rows(x) -> int:
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x)
+
+
+def run_steps(model, inputs, targets, *, steps, batch_size) -> list:
+    """`steps` calls of `train_on_batch`; the per-step losses."""
+    losses = []
+    for i in range(steps):
+        rows = slice(i * batch_size, (i + 1) * batch_size)
+        logs = model.train_on_batch(
+            _take(inputs, rows), targets[rows], return_dict=True
+        )
+        losses.append(float(logs["loss"]))
+    return losses
+
+
+def _compile(model, optimizer, loss) -> None:
+    # keras.Model.compile, not a KerasHub Task's (which adds metrics).
+    keras.Model.compile(model, optimizer=optimizer, loss=loss)
+
+
+def slot_sharding(tp) -> dict:
+    """Compare each optimizer slot's shard shapes with its parameter's."""
+    params = {v.path.replace("/", "_"): v for v in tp.wrapped_model.variables}
+    checked, sharded, mismatched = 0, 0, []
+    for slot in tp.optimizer.variables:
+        name = slot.path.split("/")[-1]
+        keys = [k for k in params if name.startswith(k + "_")]
+        if not keys:
+            continue
+        param = params[max(keys, key=len)]
+        if tuple(slot.shape) != tuple(param.shape):
+            continue  # e.g. Adafactor's factored row/column statistics
+        checked += 1
+        want = engine_lib.shard_shapes(param)
+        got = engine_lib.shard_shapes(slot)
+        if want != got:
+            mismatched.append(slot.path)
+        elif want[0] != tuple(param.shape):
+            sharded += 1
+    return {"checked": checked, "sharded": sharded, "mismatched": mismatched}
+
+
+def null_gradient_variables(model, inputs, targets, loss, rtol=1e-6):
+    """Variables whose gradient is zero in exact arithmetic (e.g. attention
+    key biases: softmax ignores a per-query shift), found as
+    `max|g| <= rtol * max over all |g|` on one batch.
+
+    Their float32 gradient is rounding noise; adaptive optimizers (Adam,
+    RMSprop, Lion) normalize it into full-size steps of random sign, so
+    their weights are not comparable between any two summation orders.
+    """
+    loss_obj = keras.losses.get(loss)
+    grads = model_gradients(model, inputs, lambda out: loss_obj(targets, out))
+    peaks = {k: float(np.max(np.abs(np.asarray(g)))) for k, g in grads.items()}
+    top = max(peaks.values())
+    return {k for k, p in peaks.items() if p <= rtol * top}
+
+
+def compare_training(
+    model_fn: Callable[[], keras.Model],
+    world_size: int,
+    *,
+    inputs,
+    targets,
+    loss,
+    optimizer_fn: Callable[[], keras.optimizers.Optimizer],
+    steps: int = 10,
+    batch_size: int = 2,
+    seed: int = 0,
+    dtype_policy=None,
+    loss_rtol: float = 1e-5,
+    weight_rtol: float = 1e-4,
+) -> TrainingComparison:
+    """Train a single-device model and an independently built TP model.
+
+    Both start from the same weights (`zoo.build_pair`) and RNG state, take
+    `steps` `train_on_batch` steps on the same rows, and are compared per
+    step (loss) and per variable (weights after the last step).
+
+    Args:
+        model_fn: Builds the model (called twice, under `seed`).
+        world_size: Devices for the TP run.
+        inputs: Model inputs, `steps * batch_size` rows (array or dict).
+        targets: Labels, same rows.
+        loss: Keras loss (name or object).
+        optimizer_fn: Returns a fresh optimizer (one per model).
+        dtype_policy: e.g. `"float64"` or `"mixed_bfloat16"` while building.
+        loss_rtol, weight_rtol: Bounds for the checks.
+
+    Example:
+
+    ```python
+    x, y = lm_batches(stdlib_corpus(50_000), batch_size=2, seq_len=16,
+                      steps=10)
+    result = compare_training(
+        lambda: causal_lm(zoo.opt(vocabulary_size=256, num_layers=2,
+                                  num_heads=4, hidden_dim=64,
+                                  intermediate_dim=128,
+                                  max_sequence_length=64)),
+        2, inputs=lm_inputs(x), targets=y,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer_fn=lambda: keras.optimizers.Adam(1e-3))
+    assert result.passed
+    ```
+    """
+    if _num_rows(inputs) < steps * batch_size:
+        raise ValueError(
+            f"inputs need steps * batch_size = {steps * batch_size} rows. "
+            f"Received: {_num_rows(inputs)}"
+        )
+    reference, tp = build_tp_pair(
+        model_fn, world_size, seed=seed, dtype_policy=dtype_policy
+    )
+    null = null_gradient_variables(
+        reference,
+        _take(inputs, slice(0, batch_size)),
+        targets[:batch_size],
+        loss,
+    )
+    _compile(reference, optimizer_fn(), loss)
+    _compile(tp, optimizer_fn(), loss)
+    kw = {"steps": steps, "batch_size": batch_size}
+    losses_ref = run_steps(reference, inputs, targets, **kw)
+    losses_tp = run_steps(tp, inputs, targets, **kw)
+
+    rel = [
+        abs(a - b) / max(abs(a), 1e-30) for a, b in zip(losses_ref, losses_tp)
+    ]
+    ref_w = {v.path: np.asarray(v) for v in reference.trainable_variables}
+    tp_w = {
+        v.path: logical(v, ref_w[v.path].shape)
+        for v in tp.wrapped_model.trainable_variables
+    }
+    weight_rel = {
+        k: d / max(s, 1e-30) for k, (d, s) in scaled_diffs(ref_w, tp_w).items()
+    }
+    slots = slot_sharding(tp)
+    slots_ok = slots["sharded"] > 0 and not slots["mismatched"]
+    max_w = max(v for k, v in weight_rel.items() if k not in null)
+    detail = {"rel": weight_rel, "excluded_null_gradient": sorted(null)}
+    checks = [
+        Check.of("loss_per_step", max(rel), loss_rtol, {"rel": rel}),
+        Check.of("weights", max_w, weight_rtol, detail),
+        Check("optimizer_slots", slots_ok, float(not slots_ok), 0.0, slots),
+    ]
+    return TrainingComparison(
+        losses_single=losses_ref,
+        losses_tp=losses_tp,
+        max_loss_rel_diff=max(rel),
+        weight_rel_diffs=weight_rel,
+        max_weight_rel_diff=max_w,
+        slots_sharded=slots_ok,
+        slot_detail=slots,
+        checks=checks,
+    )
