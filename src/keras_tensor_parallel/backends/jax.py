@@ -275,13 +275,16 @@ class JaxEngine:
     def apply(self, model) -> None:
         apply_plan(model, self.plan, self.mesh)
         self._references = reference_layouts(model)
+        # A model compiled and trained before wrapping already has optimizer
+        # slots and metric state: they follow their parameters' layouts.
+        self.prepare_state(model)
 
     def scope(self):
         return self.distribution.scope()
 
     def prepare_state(self, tp_model) -> None:
         """Put optimizer and metric variables created so far on the mesh."""
-        state = list(tp_model.metrics_variables)
+        state = list(getattr(tp_model, "metrics_variables", []))
         if getattr(tp_model, "optimizer", None) is not None:
             state += list(tp_model.optimizer.variables)
         place_state(state, self.mesh, self._references)
