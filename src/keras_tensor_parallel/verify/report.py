@@ -116,13 +116,15 @@ def rich_table(rows: list[CheckRow], *, title: str = ""):
     from rich.table import Table
 
     table = Table(title=title or None)
-    for h in SUMMARY_HEADER:
+    for h in ("check", "result", "measured", "threshold", "s", "error"):
         table.add_column(
             h, justify="right" if h in ("measured", "s") else "left"
         )
-    for cells in summary_rows(rows):
+    for r, cells in zip(rows, summary_rows(rows)):
         color = {"PASS": "green", "FAIL": "red", "ERROR": "red"}[cells[1]]
-        table.add_row(cells[0], f"[{color}]{cells[1]}[/]", *cells[2:])
+        table.add_row(
+            cells[0], f"[{color}]{cells[1]}[/]", *cells[2:4], cells[5], r.error
+        )
     return table
 
 
