@@ -143,7 +143,7 @@ def memory_bars(
         ax.text(
             x,
             p + o,
-            f"{p + o:.1f} MiB\n({frac:.0%})",
+            f"{p + o:.3g} MiB\n({frac:.0%})",
             ha="center",
             va="bottom",
             fontsize=8,

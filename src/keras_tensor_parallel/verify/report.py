@@ -511,7 +511,8 @@ def _training_rows(
         rng = np.random.RandomState(seed + 1)
         y = rng.randn(*out.shape).astype("float32")
         result = training.compare_training(
-            spec.build, world_size, inputs=x, targets=y, loss="mse",
+            spec.build, world_size, inputs=x, targets=y,
+            loss=keras.losses.MeanSquaredError(),
             optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
             steps=steps, batch_size=batch_size, seed=seed,
         )  # fmt: skip
