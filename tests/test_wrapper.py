@@ -1,0 +1,207 @@
+"""TensorParallelKeras behaves like the model it wraps."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import keras
+import numpy as np
+import pytest
+from helpers import (
+    all_gather_shapes,
+    max_abs_diff,
+    rel_tol,
+    weight_gathers,
+)
+
+from keras_tensor_parallel import (
+    AutoTPDistribution,
+    TensorParallelKeras,
+    plan_model,
+    zoo,
+)
+
+SMALL_GPT2 = dict(
+    vocabulary_size=1001,
+    num_layers=2,
+    num_heads=4,
+    hidden_dim=64,
+    intermediate_dim=128,
+    max_sequence_length=32,
+)
+
+
+def mlp_data(n=64, seed=0):
+    rng = np.random.RandomState(seed)
+    return (
+        rng.randn(n, 64).astype("float32"),
+        rng.randn(n, 32).astype("float32"),
+    )
+
+
+def test_fit_evaluate_predict_match_single_device():
+    reference, candidate, _ = zoo.build_pair(zoo.seed_mlp)
+    x, y = mlp_data()
+    tp = TensorParallelKeras(candidate, world_size=2)
+    for m in (reference, tp):
+        m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    h_ref = reference.fit(
+        x, y, batch_size=16, epochs=2, shuffle=False, verbose=0
+    )
+    h_tp = tp.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    np.testing.assert_allclose(
+        h_tp.history["loss"], h_ref.history["loss"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        tp.evaluate(x, y, verbose=0),
+        reference.evaluate(x, y, verbose=0),
+        rtol=1e-5,
+    )
+    expected = reference.predict(x, verbose=0)
+    assert max_abs_diff(tp.predict(x, verbose=0), expected) <= rel_tol(expected)
+    for got, want in zip(tp.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # Adam moments live on the mesh with their parameter's sharding.
+    kernel = tp.wrapped_model.layers[0].kernel
+    moments = [v for v in tp.optimizer.variables if tuple(v.shape) == (64, 128)]
+    assert moments
+    for m in moments:
+        assert m.value.sharding.is_equivalent_to(kernel.value.sharding, 2)
+        assert [s.data.shape for s in m.value.addressable_shards] == [
+            (64, 64),
+            (64, 64),
+        ]
+    loss = tp.train_on_batch(x[:16], y[:16])
+    assert np.isfinite(loss)
+
+
+def test_wrapping_a_trained_model_reshards_its_optimizer_state():
+    model = zoo.seed_mlp()
+    x, y = mlp_data()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    tp = TensorParallelKeras(model, world_size=2)
+    slots = [
+        v for v in model.optimizer.variables if tuple(v.shape) == (64, 128)
+    ]
+    assert slots
+    for v in slots:
+        assert [s.data.shape for s in v.value.addressable_shards] == [
+            (64, 64),
+            (64, 64),
+        ]
+    tp.compile(optimizer="adam", loss="mse")
+    tp.fit(x, y, epochs=1, verbose=0)
+
+
+def test_set_weights_and_summary(capsys):
+    reference, candidate, weights = zoo.build_pair(zoo.seed_embedding)
+    tp = TensorParallelKeras(candidate, world_size=4)
+    new = [w * 0.5 for w in weights]
+    tp.set_weights(new)
+    for got, want in zip(tp.get_weights(), new):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="must have shape"):
+        tp.set_weights([w[:1] for w in new])
+    tp.summary()
+    out = capsys.readouterr().out
+    assert "per device" in out and "left replicated" in out
+
+
+def test_device_ids_pick_devices():
+    _, candidate, _ = zoo.build_pair(zoo.seed_mlp)
+    tp = TensorParallelKeras(candidate, device_ids=["cpu:2", "cpu:3"])
+    assert tp.world_size == 2
+    kernel = candidate.layers[0].kernel
+    devices = {d.id for d in kernel.value.sharding.device_set}
+    assert devices == {2, 3}
+
+
+def test_default_world_size_is_all_devices():
+    _, candidate, _ = zoo.build_pair(zoo.seed_mlp)
+    tp = TensorParallelKeras(candidate)
+    assert tp.world_size == len(jax.devices()) == 4
+
+
+def test_save_loads_on_one_device_without_this_library(tmp_path):
+    reference, candidate, _ = zoo.build_pair(lambda: zoo.gpt2(**SMALL_GPT2))
+    tp = TensorParallelKeras(candidate, world_size=2)
+    x = zoo._token_inputs(1001)(2, 16, 0)
+    expected = np.asarray(tp(x))
+    path = tmp_path / "gpt2_tp.keras"
+    tp.save(path)
+    np.save(tmp_path / "expected.npy", expected)
+    np.savez(tmp_path / "x.npz", **x)
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, keras
+        import keras_hub  # registers the GPT2Backbone class
+        model = keras.saving.load_model({str(path)!r})
+        emb = model.get_layer("token_embedding").embeddings
+        assert tuple(emb.shape) == (1001, 64), emb.shape
+        x = dict(np.load({str(tmp_path / "x.npz")!r}))
+        got = np.asarray(model(x))
+        want = np.load({str(tmp_path / "expected.npy")!r})
+        diff = float(np.abs(got - want).max())
+        assert diff <= 1e-5 * max(1, np.abs(want).max()), diff
+        assert "keras_tensor_parallel" not in sys.modules
+        print("OK", diff)
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="", KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK" in result.stdout
+
+
+def test_distribution_scope_shards_at_creation():
+    # Plans are matched by variable path: build both in a fresh name scope
+    # so auto-generated layer names agree (KerasHub models name layers).
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(3)
+    reference = zoo.seed_attention()
+    plan = plan_model(reference, 2)
+    dist = AutoTPDistribution(plan)
+    keras.backend.clear_session()
+    with dist.scope():
+        model = zoo.seed_attention()
+    for v, entry in zip(model.variables, plan):
+        assert v.path == entry.path
+        want = entry.per_device_shape(2)
+        assert [tuple(s.data.shape) for s in v.value.addressable_shards] == [
+            want,
+            want,
+        ], v.path
+    model.set_weights(reference.get_weights())
+    x = zoo.get("seed-attention").inputs(4, 0, 0)
+    with dist.scope():
+        got = np.asarray(model(x))
+    expected = np.asarray(reference(x))
+    assert max_abs_diff(got, expected) <= rel_tol(expected)
+
+
+def test_weight_gather_detector_flags_a_forced_gather():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    _, candidate, _ = zoo.build_pair(zoo.seed_mlp)
+    tp = TensorParallelKeras(candidate, world_size=2)
+    kernel = candidate.layers[0].kernel
+    mesh = tp.engine.mesh.backend_mesh
+
+    def gathers_weight(w, x):
+        w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P()))
+        return x @ w
+
+    x = jax.device_put(np.ones((4, 64), "float32"), NamedSharding(mesh, P()))
+    hlo = jax.jit(gathers_weight).lower(kernel.value, x).compile().as_text()
+    assert ("f32", (64, 128)) in all_gather_shapes(hlo)
+    assert weight_gathers(tp, hlo) == [kernel.path]
