@@ -274,6 +274,11 @@ class JaxEngine:
 
     def apply(self, model) -> None:
         apply_plan(model, self.plan, self.mesh)
+        # Sibling projections (q/k/v, gate/up) reduce their input gradient
+        # once, as Megatron does (see backends/jax_fusion.py).
+        from keras_tensor_parallel.backends import jax_fusion
+
+        jax_fusion.install(model, self.plan)
         self._references = reference_layouts(model)
         # A model compiled and trained before wrapping already has optimizer
         # slots and metric state: they follow their parameters' layouts.

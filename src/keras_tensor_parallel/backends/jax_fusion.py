@@ -1,0 +1,194 @@
+"""One all-reduce for the input gradient of sibling projections.
+
+Megatron's `f` operator reduces the input gradient of a column-parallel
+region once. When q, k and v are three separate `EinsumDense` layers reading
+the same tensor, XLA's SPMD partitioner on CPU reduces each of their partial
+input gradients on its own (it has no all-reduce reassociation there): three
+all-reduces of `[batch, seq, hidden]` where Megatron needs one.
+
+This module makes the first sibling called compute all siblings' matmuls in
+one `jax.custom_vjp` node (the others return its results). Forward math is
+unchanged: the same einsum per kernel. The backward computes the kernel
+gradients per kernel as before, and the input gradient as *one* contraction
+over the concatenated (head-sharded) output dims, so XLA emits one
+all-reduce. The sum is reassociated only, so results agree to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from keras_tensor_parallel.plan import ShardingPlan
+
+
+def _parse(equation: str):
+    """`(P, C, F)` letters for `P+C,C+F->P+F` equations, else `None`."""
+    try:
+        inputs, out = equation.replace(" ", "").split("->")
+        x, k = inputs.split(",")
+    except ValueError:
+        return None
+    if "." in equation:
+        return None
+    contract = "".join(c for c in x if c not in out)
+    prefix = x[: len(x) - len(contract)]
+    free = k[len(contract) :]
+    if x != prefix + contract or k != contract + free or out != prefix + free:
+        return None
+    return prefix, contract, free
+
+
+def _equation(layer, ndim: int = 3) -> str:
+    """The layer's projection as an einsum (Dense is `...c,cf->...f`)."""
+    if isinstance(layer, keras.layers.EinsumDense):
+        return layer.equation
+    prefix = "abdeghijk"[: ndim - 1]
+    return f"{prefix}c,cf->{prefix}f"
+
+
+def _eligible(layer, plan: ShardingPlan) -> bool:
+    """A Dense/EinsumDense whose kernel is split on its first output dim."""
+    if type(layer) not in (keras.layers.Dense, keras.layers.EinsumDense):
+        return False
+    if getattr(layer, "lora_enabled", False) or getattr(
+        layer, "quantization_mode", None
+    ):
+        return False
+    letters = _parse(_equation(layer))
+    entry = plan.get(layer.kernel.path)
+    if letters is None or entry is None or entry.padded_shape:
+        return False
+    n_contract = len(letters[1])
+    return entry.split_dim == n_contract and (
+        entry.shape[n_contract] % plan.world_size == 0
+    )
+
+
+def _fused_project(equations: tuple, world_size: int):
+    """(x, kernels) -> outputs, with one reduction for d(x) in backward."""
+
+    @jax.custom_vjp
+    def project(x, kernels):
+        return tuple(jnp.einsum(e, x, k) for e, k in zip(equations, kernels))
+
+    def fwd(x, kernels):
+        return project(x, kernels), (x, kernels)
+
+    def bwd(res, grads):
+        x, kernels = res
+        d_kernels = []
+        for e, g in zip(equations, grads):
+            prefix, contract, free = _parse(e)
+            d_kernels.append(
+                jnp.einsum(
+                    f"{prefix}{contract},{prefix}{free}->{contract}{free}", x, g
+                )
+            )
+        prefix, contract, _ = _parse(equations[0])
+        p_shape = x.shape[: len(prefix)]
+        c_shape = x.shape[len(prefix) :]
+        # Split the sharded first output dim into (world, local): the
+        # concatenation is then along a local dim, so it moves no data.
+        gs = [g.reshape(*p_shape, world_size, -1) for g in grads]
+        ks = [k.reshape(math.prod(c_shape), world_size, -1) for k in kernels]
+        dx = jnp.einsum(
+            "...nr,cnr->...c",
+            jnp.concatenate(gs, axis=-1),
+            jnp.concatenate(ks, axis=-1),
+        )
+        return dx.reshape(x.shape), tuple(d_kernels)
+
+    project.defvjp(fwd, bwd)
+    return project
+
+
+class _Group:
+    """Sibling layers reading one tensor; the first called computes all."""
+
+    def __init__(self, layers, world_size: int):
+        self.layers = list(layers)
+        self.world_size = world_size
+        self._projects: dict = {}
+        self._stash: dict = {}
+
+    def project(self, inputs, kernels):
+        equations = tuple(_equation(m, len(inputs.shape)) for m in self.layers)
+        if equations not in self._projects:
+            self._projects[equations] = _fused_project(
+                equations, self.world_size
+            )
+        return self._projects[equations](inputs, kernels)
+
+    def matmul(self, layer, inputs):
+        hit = self._stash.pop(id(layer), None)
+        if hit is not None and hit[0] is inputs:
+            return hit[1]
+        outs = self.project(
+            inputs,
+            tuple(keras.ops.convert_to_tensor(m.kernel) for m in self.layers),
+        )
+        for member, out in zip(self.layers, outs):
+            if member is not layer:
+                self._stash[id(member)] = (inputs, out)
+        return outs[self.layers.index(layer)]
+
+
+def _wrap(layer, group: _Group) -> None:
+    def call(inputs, training=None):
+        x = group.matmul(layer, inputs)
+        if layer.bias is not None:
+            x = keras.ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
+
+    layer.call = call
+    layer._tp_fused = True
+
+
+def sibling_groups(model, plan: ShardingPlan) -> list[list]:
+    """Eligible projections grouped by the tensor they read (2+ each)."""
+    from keras_tensor_parallel.plan import graph as graph_lib
+    from keras_tensor_parallel.plan.planner import _is_leaf
+
+    graph = graph_lib.extract_graph(model, _is_leaf)
+    by_input = collections.defaultdict(list)
+    for node in graph.nodes:
+        layer = node.op
+        if node.inputs and _eligible(layer, plan):
+            if layer not in by_input[id(node.inputs[0])]:
+                by_input[id(node.inputs[0])].append(layer)
+    return [g for g in by_input.values() if len(g) > 1]
+
+
+def install(model, plan: ShardingPlan) -> int:
+    """Fuse sibling projections of `model`; returns how many groups."""
+    if plan.world_size < 2:
+        return 0
+    groups = [
+        g
+        for g in sibling_groups(model, plan)
+        if not any(getattr(m, "_tp_fused", False) for m in g)
+    ]
+    for layers in groups:
+        group = _Group(layers, plan.world_size)
+        for layer in layers:
+            _wrap(layer, group)
+    return len(groups)
+
+
+def uninstall(model) -> int:
+    """Undo `install` (to measure the unfused step); returns layers reset."""
+    count = 0
+    for layer in model._flatten_layers(include_self=True):
+        if getattr(layer, "_tp_fused", False):
+            del layer.call  # the instance attribute; the class's call returns
+            layer._tp_fused = False
+            count += 1
+    return count

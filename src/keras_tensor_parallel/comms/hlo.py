@@ -1,0 +1,199 @@
+"""Collectives read from compiled HLO text.
+
+XLA's SPMD partitioner decides where the communication goes; the only
+faithful account is the compiled module itself. This module parses its text
+(no XLA internals) into `Collective` records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+KINDS = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
+
+# `%name = <result type> <opcode>(<operands>), attrs..., metadata={...}`
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s+"
+    r"(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)(?P<rest>.*)$"
+)
+_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_GROUPS = re.compile(r"replica_groups=(\{[^=]*?\}\}|\[[^\]]*\][^,\s]*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective in a compiled module.
+
+    Attributes:
+        kind: One of `KINDS` (async `-start`/`-done` pairs count once).
+        shapes: Array shapes of the payload (several when XLA combined
+            collectives into one tuple-shaped op).
+        dtypes: Dtype per payload array (HLO names: `f32`, `bf16`).
+        bytes: Payload bytes: the full (reduced or gathered) tensor size.
+        op_name: The JAX op name from the HLO metadata.
+        operand_shapes: Shapes of the operands (all-gather: the shard).
+        name: The HLO instruction name.
+        from_parameter: Whether the operand traces back, through layout-only
+            ops, to an argument of the compiled step (a variable).
+    """
+
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    bytes: int
+    op_name: str
+    operand_shapes: tuple[tuple[int, ...], ...] = ()
+    name: str = ""
+    from_parameter: bool = False
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    op: str
+    type: str
+    args: list
+    op_name: str
+    line: str
+
+
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for m in _ARRAY.finditer(text):
+        if m.group("dtype") not in _DTYPE_BYTES:
+            continue
+        dims = m.group("dims")
+        shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+        out.append((m.group("dtype"), shape))
+    return out
+
+
+def _nbytes(arrays) -> int:
+    return sum(math.prod(s) * _DTYPE_BYTES[d] for d, s in arrays)
+
+
+def _parse(text: str) -> dict[str, _Instr]:
+    instrs = {}
+    for line in text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        op_name = _OP_NAME.search(m.group("rest"))
+        instrs[m.group("name")] = _Instr(
+            name=m.group("name"),
+            op=m.group("op"),
+            type=m.group("type"),
+            args=_OPERAND.findall(m.group("args")),
+            op_name=op_name.group("op_name") if op_name else "",
+            line=line,
+        )
+    return instrs
+
+
+# Ops that move or relabel data without computing: a weight seen through
+# them is still the weight.
+_PASS_THROUGH = {
+    "copy",
+    "bitcast",
+    "reshape",
+    "transpose",
+    "convert",
+    "get-tuple-element",
+    "slice",
+    "dynamic-slice",
+    "copy-start",
+    "copy-done",
+}
+
+
+def _traces_to_parameter(instrs, name: str, depth: int = 0) -> bool:
+    instr = instrs.get(name)
+    if instr is None or depth > 16:
+        return False
+    if instr.op == "parameter":
+        return True
+    if instr.op in _PASS_THROUGH or (
+        instr.op == "fusion" and len(instr.args) == 1
+    ):
+        return any(
+            _traces_to_parameter(instrs, a, depth + 1) for a in instr.args
+        )
+    return False
+
+
+def _kind(op: str) -> str | None:
+    base = op.removesuffix("-start")
+    return base if base in KINDS else None
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of a compiled HLO module, in text order.
+
+    Only the entry computation's callees matter for counting, but XLA's CPU
+    modules keep collectives at top level of their computations, so every
+    instruction line is scanned. Async forms count once, at `-start`.
+
+    Example:
+
+    ```python
+    text = jax.jit(f).lower(x).compile().as_text()
+    for c in collectives(text):
+        print(c.kind, c.shapes, c.bytes)
+    ```
+    """
+    instrs = _parse(hlo_text)
+    out = []
+    for instr in instrs.values():
+        kind = _kind(instr.op)
+        if kind is None:
+            continue
+        operands = [instrs[a] for a in instr.args if a in instrs]
+        operand_arrays = [arr for o in operands for arr in _arrays(o.type)]
+        result_arrays = _arrays(instr.type)
+        if instr.op.endswith("-start") and kind != "all-reduce":
+            # Async start returns (operands..., results...): keep results.
+            result_arrays = result_arrays[len(operand_arrays) :] or (
+                result_arrays
+            )
+        payload = operand_arrays if kind == "reduce-scatter" else result_arrays
+        out.append(
+            Collective(
+                kind=kind,
+                shapes=tuple(s for _, s in result_arrays),
+                dtypes=tuple(d for d, _ in result_arrays),
+                bytes=_nbytes(payload),
+                op_name=instr.op_name,
+                operand_shapes=tuple(s for _, s in operand_arrays),
+                name=instr.name,
+                from_parameter=any(
+                    _traces_to_parameter(instrs, a) for a in instr.args
+                ),
+            )
+        )
+    return out

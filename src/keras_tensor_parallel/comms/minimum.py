@@ -1,0 +1,90 @@
+"""The Megatron minimum communication of a plan, counted from the plan.
+
+Without sequence parallelism each row-parallel layer (attention output,
+feed-forward output) closes a region: one all-reduce of its output in
+forward and one of the region's input gradient in backward (Megatron's g
+and f). A vocab-parallel embedding looked up adds one forward all-reduce of
+its output. Nothing is keyed on model names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from keras_tensor_parallel.plan import Role, ShardingPlan
+from keras_tensor_parallel.plan.plan import dtype_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Minimum:
+    """Megatron-minimum all-reduces for one step.
+
+    Attributes:
+        forward: `(what, bytes)` per forward all-reduce.
+        backward: `(what, bytes)` per backward all-reduce.
+    """
+
+    forward: tuple[tuple[str, int], ...]
+    backward: tuple[tuple[str, int], ...]
+
+    @property
+    def train_count(self) -> int:
+        return len(self.forward) + len(self.backward)
+
+    @property
+    def train_bytes(self) -> int:
+        return sum(b for _, b in self.forward + self.backward)
+
+    @property
+    def forward_count(self) -> int:
+        return len(self.forward)
+
+    @property
+    def forward_bytes(self) -> int:
+        return sum(b for _, b in self.forward)
+
+
+def _kernel_out_features(entry) -> int:
+    """Output features of a row kernel: the dims after the split ones."""
+    dim = entry.split_dim
+    # Row kernels split their input (contracted) dims; for a heads-shaped
+    # output kernel (heads, head_dim, hidden) the contracted dims lead.
+    rest = entry.shape[dim + 1 :]
+    if len(entry.shape) == 3 and dim == 0:
+        rest = entry.shape[2:]
+    return math.prod(rest)
+
+
+def megatron_minimum(
+    plan: ShardingPlan, *, batch_size: int, seq_len: int, lookups: int = 1
+) -> Minimum:
+    """The minimum all-reduces for one training step of `plan`.
+
+    Args:
+        plan: The sharding plan.
+        batch_size: Batch size of the step.
+        seq_len: Tokens per example (1 for models without a sequence).
+        lookups: Times each vocab-parallel embedding is looked up.
+
+    Example:
+
+    ```python
+    m = megatron_minimum(plan, batch_size=2, seq_len=16)
+    print(m.train_count, m.train_bytes)
+    ```
+    """
+    tokens = batch_size * seq_len
+    forward, backward = [], []
+    for e in plan:
+        if not e.path.endswith("kernel") and e.role != Role.VOCAB:
+            continue
+        nbytes = dtype_bytes(e.dtype)
+        if e.role == Role.ROW:
+            size = tokens * _kernel_out_features(e) * nbytes
+            forward.append((f"{e.layer} output", size))
+            backward.append((f"{e.layer} region input grad", size))
+        elif e.role == Role.VOCAB and e.split_dim == 0:
+            size = tokens * math.prod(e.shape[1:]) * nbytes
+            forward += [(f"{e.layer} lookup", size)] * lookups
+    return Minimum(tuple(forward), tuple(backward))
