@@ -14,6 +14,9 @@ def available_devices() -> list[str]:
     if keras.backend.backend() == "torch":
         import torch.distributed as dist
 
+        from keras_tensor_parallel.backends.torch import ensure_process_group
+
+        ensure_process_group()  # from torchrun's environment, if any
         n = dist.get_world_size() if dist.is_initialized() else 1
         kind = "cuda" if _torch_cuda() else "cpu"
         return [f"{kind}:{i}" for i in range(n)]

@@ -182,6 +182,9 @@ class TensorParallelKeras(keras.Model):
     def save(self, filepath, *args, **kwargs):
         """Save the original model (full weights): loads on one device
         without this library."""
+        save = getattr(self._tp_engine, "save_model", None)
+        if save is not None:  # torch: all ranks gather, rank 0 writes
+            return save(self._tp_model, filepath, *args, **kwargs)
         return self._tp_model.save(filepath, *args, **kwargs)
 
     def save_weights(self, filepath, *args, **kwargs):

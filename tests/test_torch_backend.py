@@ -1,0 +1,207 @@
+"""Torch engine: 2 processes on 127.0.0.1 against a single-process run.
+
+The pytest process runs under JAX; each test launches this file as a
+worker script in 2 ranks with `KERAS_BACKEND=torch` through
+`keras_tensor_parallel.launch` (a hard timeout, so a hang fails the test).
+Every rank builds the same reference model from the same seed, so rank 0
+compares against a single-process run from the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.abspath(__file__)
+TIMEOUT = 150
+
+# (batch, seq) per case; OPT's vocab 1000 splits evenly, GPT-2's 1001 not.
+TINY = dict(num_layers=2, num_heads=4, hidden_dim=32, intermediate_dim=64)
+
+
+def _case(name):
+    from keras_tensor_parallel import zoo
+
+    rng = np.random.RandomState(1)
+    if name == "mlp":
+        x = rng.randn(8, 64).astype("float32")
+        return zoo.seed_mlp, x, rng.randn(8, 32).astype("float32"), 0
+    if name == "attention":
+        x = rng.randn(4, 32, 64).astype("float32")
+        return zoo.seed_attention, x, rng.randn(4, 16).astype("float32"), 0
+    if name == "opt":
+        vocab = 1000
+
+        def build():
+            return zoo.opt(
+                vocabulary_size=vocab, max_sequence_length=16, **TINY
+            )
+    else:
+        vocab = 1001
+
+        def build():
+            return zoo.gpt2(
+                vocabulary_size=vocab, max_sequence_length=16, **TINY
+            )
+
+    x = {
+        "token_ids": rng.randint(0, vocab, (4, 8)).astype("int32"),
+        "padding_mask": np.ones((4, 8), "int32"),
+    }
+    return build, x, rng.randn(4, 8, 32).astype("float32"), TINY["num_layers"]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def _rel_all(xs, refs) -> float:
+    """Largest abs difference over all arrays / largest abs reference."""
+    diff = max(float(np.max(np.abs(_np(a) - _np(b)))) for a, b in zip(xs, refs))
+    return diff / max(float(np.max(np.abs(_np(b)))) for b in refs)
+
+
+def _np(x):
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    return np.asarray(x, "float64")
+
+
+def _grads(model, x):
+    import torch
+
+    for v in model.trainable_variables:
+        v.value.grad = None
+    out = model(x)
+    torch.mean(out**2).backward()
+    return [v.value.grad.detach().clone() for v in model.trainable_variables]
+
+
+def worker(name: str, out_path: str, fail: str = "") -> None:
+    """Runs in every rank (KERAS_BACKEND=torch)."""
+    import keras
+    import torch.distributed as dist
+
+    from keras_tensor_parallel import TensorParallelKeras, zoo
+    from keras_tensor_parallel.backends import torch as tb
+
+    if fail:
+        tb.ensure_process_group()
+        if dist.get_rank() == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        dist.barrier()  # rank 0 would wait here forever without the agent
+        return
+    build, x, y, blocks = _case(name)
+    ref, cand, _ = zoo.build_pair(build, seed=0)
+    res = {"rank": None}
+    ref_out = np.asarray(ref(x).detach())
+    ref_grads = _grads(ref, x)
+    if name in ("opt", "gpt2"):
+        ref_logits = np.asarray(
+            ref.token_embedding(ref(x), reverse=True).detach()
+        )
+
+    tp = TensorParallelKeras(cand, world_size=2)
+    res["rank"] = dist.get_rank()
+    res["forward"] = _rel(tp(x).detach(), ref_out)
+    res["forward_abs"] = float(np.max(np.abs(tp(x).detach().numpy() - ref_out)))
+    grads = _grads(cand, x)
+    local_ref = [
+        v.local_slice(rg) if hasattr(v, "local_slice") else rg
+        for rg, v in zip(ref_grads, cand.trainable_variables)
+    ]
+    res["grads"] = _rel_all(grads, local_ref)
+    if name in ("opt", "gpt2"):
+        logits = cand.token_embedding(cand(x), reverse=True).detach()
+        res["logits"] = _rel(logits, ref_logits)
+    res["local_shapes"] = {v.path: list(v.value.shape) for v in cand.variables}
+
+    for model in (ref, tp):
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    tb.reset_counts()
+    tp.train_on_batch(x, y)
+    res["counts"] = dict(tb.COUNTS)
+    # The first projection's f needs no backward all-reduce when its input
+    # is the model input (no gradient flows into it).
+    res["expect"] = [2 * blocks + 1, 2 * blocks] if blocks else [2, 1]
+    ref.train_on_batch(x, y)
+    kw = dict(epochs=5, batch_size=len(y), shuffle=False, verbose=0)
+    ref_hist = ref.fit(x, y, **kw).history["loss"]
+    tp_hist = tp.fit(x, y, **kw).history["loss"]
+    res["losses"] = [tp_hist, ref_hist]
+    res["fit_losses"] = _rel(tp_hist, ref_hist)
+    full = tp.get_weights()  # gathered on every rank
+    # A key bias gets an exactly-zero gradient (softmax is shift-invariant)
+    # that rounding makes +-1e-9; Adam scales that noise to full-size steps
+    # in any two runs that round differently, so it is not compared.
+    keep = [i for i, v in enumerate(ref.weights) if "key/bias" not in v.path]
+    res["fit_weights"] = _rel_all(
+        [full[i] for i in keep], [ref.get_weights()[i] for i in keep]
+    )
+    path = os.path.join(os.path.dirname(out_path), f"{name}.keras")
+    tp.save(path)
+    if dist.get_rank() == 0:
+        loaded = keras.saving.load_model(path)
+        res["loaded"] = _rel(loaded(x).detach(), ref(x).detach())
+        with open(out_path, "w") as fh:
+            json.dump(res, fh)
+
+
+def _launch(tmp_path, *args, timeout=TIMEOUT):
+    env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
+    env.pop("XLA_FLAGS", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "keras_tensor_parallel.launch",
+        "-n",
+        "2",
+        "--timeout",
+        str(timeout),
+        HERE,
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+    )
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["mlp", "attention", "opt", "gpt2"])
+def test_parity_with_single_process(tmp_path, name):
+    out = tmp_path / "result.json"
+    proc = _launch(tmp_path, name, str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["forward"] <= 1e-5, res
+    assert res["grads"] <= 1e-5, res
+    assert res.get("logits", 0.0) <= 1e-5, res
+    assert res["fit_losses"] <= 1e-5, res
+    assert res["fit_weights"] <= 1e-4, res
+    assert res["loaded"] <= 1e-5, res
+    # Megatron minimum: 2 all-reduces per block each way, +1 in forward for
+    # the vocab-parallel embedding.
+    assert [res["counts"]["forward"], res["counts"]["backward"]] == res[
+        "expect"
+    ], res
+
+
+@pytest.mark.torch
+def test_failing_rank_stops_the_others(tmp_path):
+    proc = _launch(tmp_path, "fail", "-", "fail", timeout=90)
+    assert proc.returncode not in (0, 124), proc.stderr[-2000:]
+    assert "rank 1 fails on purpose" in proc.stderr
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
