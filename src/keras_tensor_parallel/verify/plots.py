@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 MIB = 1024 * 1024
 _SINGLE = "#4c72b0"
@@ -64,7 +65,8 @@ def loss_curves(
     top.set_ylabel("loss (cross-entropy, nats/token)")
     top.legend(loc="upper right")
     top.grid(alpha=0.3)
-    top.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
+    wrapped = textwrap.fill(subtitle, 90) if subtitle else ""
+    top.set_title(title + (f"\n{wrapped}" if wrapped else ""), fontsize=10)
     diffs = [abs(a - b) for a, b in zip(losses_single, losses_tp)]
     shown = [max(d, 1e-12) for d in diffs]
     bottom.semilogy(steps[: len(shown)], shown, "-o", color="#55a868", ms=3)
