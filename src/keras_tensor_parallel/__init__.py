@@ -12,12 +12,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoTPDistribution",
+    "initialize",
     "Role",
     "ShardingPlan",
     "TensorParallelKeras",
     "VariablePlan",
     "plan_model",
 ]
+
+
+def initialize(job_addresses=None, num_processes=None, process_id=None):
+    """Join a multi-host JAX job (`keras.distribution.initialize`); call it
+    on every host before building the model, then wrap as usual."""
+    import keras
+
+    keras.distribution.initialize(job_addresses, num_processes, process_id)
 
 
 def __getattr__(name):
