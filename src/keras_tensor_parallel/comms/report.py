@@ -33,7 +33,7 @@ def is_weight_gather(c: Collective, plan: ShardingPlan) -> bool:
 
     Either its operand comes straight (through layout-only ops) from an
     argument of the step, or it gathers a shard of a split variable's size
-    into that variable's full size.
+    into that variable's full shape.
     """
     if c.kind != "all-gather":
         return False
@@ -41,9 +41,11 @@ def is_weight_gather(c: Collective, plan: ShardingPlan) -> bool:
         return True
     n = plan.world_size
     for e in plan.split:
-        full = math.prod(e.storage_shape)
+        full = tuple(e.storage_shape)
         for shape, operand in zip(c.shapes, c.operand_shapes):
-            if math.prod(shape) == full and math.prod(operand) * n == full:
+            if tuple(shape) == full and math.prod(operand) * n == math.prod(
+                full
+            ):
                 return True
     return False
 
