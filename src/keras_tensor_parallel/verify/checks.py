@@ -52,12 +52,15 @@ def dtype_policy_scope(policy):
     if policy is None:
         yield
         return
-    old = keras.config.dtype_policy()
+    old, old_floatx = keras.config.dtype_policy(), keras.config.floatx()
     keras.config.set_dtype_policy(policy)
+    if policy == "float64":
+        keras.config.set_floatx("float64")
     try:
         yield
     finally:
         keras.config.set_dtype_policy(old)
+        keras.config.set_floatx(old_floatx)
 
 
 def build_tp_pair(
@@ -76,7 +79,7 @@ def build_tp_pair(
     # Seed-generator states are not weights; copy them so dropout matches.
     for ref_v, cand_v in zip(reference.variables, candidate.variables):
         if ref_v.path.endswith("seed_generator_state"):
-            cand_v.assign(ref_v.value)
+            cand_v.assign(np.array(ref_v.value))
     tp = TensorParallelKeras(candidate, world_size=world_size)
     return reference, tp
 

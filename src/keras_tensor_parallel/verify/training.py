@@ -244,7 +244,10 @@ def compare_training(
         k: d / max(s, 1e-30) for k, (d, s) in scaled_diffs(ref_w, tp_w).items()
     }
     slots = slot_sharding(tp)
-    slots_ok = slots["sharded"] > 0 and not slots["mismatched"]
+    # No slots at all (plain SGD) is vacuously fine.
+    slots_ok = not slots["mismatched"] and (
+        slots["checked"] == 0 or slots["sharded"] > 0
+    )
     max_w = max(v for k, v in weight_rel.items() if k not in null)
     detail = {"rel": weight_rel, "excluded_null_gradient": sorted(null)}
     checks = [
