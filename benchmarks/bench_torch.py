@@ -1,8 +1,8 @@
 """Step time and per-rank bytes of the torch engine (BENCHMARKS.md).
 
-Run (KERAS_BACKEND=torch): `python -m keras_tensor_parallel.backends.torch_bench 1`
-and
-`python -m keras_tensor_parallel.launch -n 2 path/to/torch_bench.py 2`.
+Run, from the repository root:
+`KERAS_BACKEND=torch .venv/bin/python benchmarks/bench_torch.py 1` and
+`.venv/bin/keras-tp launch -n 2 benchmarks/bench_torch.py 2`.
 """
 
 import json
