@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import keras
 import numpy as np
 
@@ -159,7 +160,11 @@ def null_gradient_variables(model, inputs, targets, loss, rtol=1e-6):
     their weights are not comparable between any two summation orders.
     """
     loss_obj = keras.losses.get(loss)
-    grads = model_gradients(model, inputs, lambda out: loss_obj(targets, out))
+
+    def scalar_loss(out):
+        return jnp.mean(loss_obj(targets, out))
+
+    grads = model_gradients(model, inputs, scalar_loss)
     peaks = {k: float(np.max(np.abs(np.asarray(g)))) for k, g in grads.items()}
     top = max(peaks.values())
     return {k for k, p in peaks.items() if p <= rtol * top}
@@ -236,9 +241,13 @@ def compare_training(
         abs(a - b) / max(abs(a), 1e-30) for a, b in zip(losses_ref, losses_tp)
     ]
     ref_w = {v.path: np.asarray(v) for v in reference.trainable_variables}
+    # Paired by position: auto-generated layer names differ between builds.
     tp_w = {
-        v.path: logical(v, ref_w[v.path].shape)
-        for v in tp.wrapped_model.trainable_variables
+        r.path: logical(v, ref_w[r.path].shape)
+        for r, v in zip(
+            reference.trainable_variables,
+            tp.wrapped_model.trainable_variables,
+        )
     }
     weight_rel = {
         k: d / max(s, 1e-30) for k, (d, s) in scaled_diffs(ref_w, tp_w).items()
