@@ -28,7 +28,12 @@ from keras_tensor_parallel.plan import ShardingPlan
 
 
 def _parse(equation: str):
-    """`(P, C, F)` letters for `P+C,C+F->P+F` equations, else `None`."""
+    """`(P, C, F, K)` letters for `P+C,K->P+F` equations, else `None`.
+
+    `K` (the kernel) holds the contracted letters `C` and the free output
+    letters `F` in any order: Dense is `...c,cf->...f`, Llama's query
+    `bqm,muh->bquh`, Gemma's `btd,ndh->btnh` (heads lead the kernel).
+    """
     try:
         inputs, out = equation.replace(" ", "").split("->")
         x, k = inputs.split(",")
@@ -38,10 +43,15 @@ def _parse(equation: str):
         return None
     contract = "".join(c for c in x if c not in out)
     prefix = x[: len(x) - len(contract)]
-    free = k[len(contract) :]
-    if x != prefix + contract or k != contract + free or out != prefix + free:
+    free = out[len(prefix) :]
+    if (
+        x != prefix + contract
+        or not out.startswith(prefix)
+        or sorted(k) != sorted(contract + free)
+        or len(set(k)) != len(k)
+    ):
         return None
-    return prefix, contract, free
+    return prefix, contract, free, k
 
 
 def _equation(layer, ndim: int = 3) -> str:
@@ -64,14 +74,19 @@ def _eligible(layer, plan: ShardingPlan) -> bool:
     entry = plan.get(layer.kernel.path)
     if letters is None or entry is None or entry.padded_shape:
         return False
-    n_contract = len(letters[1])
-    return entry.split_dim == n_contract and (
-        entry.shape[n_contract] % plan.world_size == 0
+    kernel = letters[3]
+    if entry.split_dim is None or entry.split_dim >= len(kernel):
+        return False
+    return kernel[entry.split_dim] in letters[2] and (
+        entry.shape[entry.split_dim] % plan.world_size == 0
     )
 
 
-def _fused_project(equations: tuple, world_size: int):
-    """(x, kernels) -> outputs, with one reduction for d(x) in backward."""
+def _fused_project(equations: tuple, splits: tuple, world_size: int):
+    """(x, kernels) -> outputs, with one reduction for d(x) in backward.
+
+    `splits` gives each kernel's sharded dim (a free output dim).
+    """
 
     @jax.custom_vjp
     def project(x, kernels):
@@ -82,21 +97,23 @@ def _fused_project(equations: tuple, world_size: int):
 
     def bwd(res, grads):
         x, kernels = res
-        d_kernels = []
-        for e, g in zip(equations, grads):
-            prefix, contract, free = _parse(e)
+        d_kernels, gs, ks = [], [], []
+        for e, split, g, k in zip(equations, splits, grads, kernels):
+            prefix, contract, free, kernel = _parse(e)
             d_kernels.append(
-                jnp.einsum(
-                    f"{prefix}{contract},{prefix}{free}->{contract}{free}", x, g
-                )
+                jnp.einsum(f"{prefix}{contract},{prefix}{free}->{kernel}", x, g)
             )
-        prefix, contract, _ = _parse(equations[0])
-        p_shape = x.shape[: len(prefix)]
-        c_shape = x.shape[len(prefix) :]
-        # Split the sharded first output dim into (world, local): the
-        # concatenation is then along a local dim, so it moves no data.
-        gs = [g.reshape(*p_shape, world_size, -1) for g in grads]
-        ks = [k.reshape(math.prod(c_shape), world_size, -1) for k in kernels]
+            # Sharded dim first among the free dims, then split it into
+            # (world, local): the concatenation below is along a local
+            # dim, so it moves no data.
+            s = kernel[split]
+            rest = free.replace(s, "")
+            g = jnp.einsum(f"{prefix}{free}->{prefix}{s}{rest}", g)
+            k = jnp.einsum(f"{kernel}->{contract}{s}{rest}", k)
+            gs.append(g.reshape(*g.shape[: len(prefix)], world_size, -1))
+            ks.append(
+                k.reshape(math.prod(k.shape[: len(contract)]), world_size, -1)
+            )
         dx = jnp.einsum(
             "...nr,cnr->...c",
             jnp.concatenate(gs, axis=-1),
@@ -111,8 +128,9 @@ def _fused_project(equations: tuple, world_size: int):
 class _Group:
     """Sibling layers reading one tensor; the first called computes all."""
 
-    def __init__(self, layers, world_size: int):
+    def __init__(self, layers, splits, world_size: int):
         self.layers = list(layers)
+        self.splits = tuple(splits)
         self.world_size = world_size
         self._projects: dict = {}
         self._stash: dict = {}
@@ -121,7 +139,7 @@ class _Group:
         equations = tuple(_equation(m, len(inputs.shape)) for m in self.layers)
         if equations not in self._projects:
             self._projects[equations] = _fused_project(
-                equations, self.world_size
+                equations, self.splits, self.world_size
             )
         return self._projects[equations](inputs, kernels)
 
@@ -177,7 +195,8 @@ def install(model, plan: ShardingPlan) -> int:
         if not any(getattr(m, "_tp_fused", False) for m in g)
     ]
     for layers in groups:
-        group = _Group(layers, plan.world_size)
+        splits = [plan.get(m.kernel.path).split_dim for m in layers]
+        group = _Group(layers, splits, plan.world_size)
         for layer in layers:
             _wrap(layer, group)
     return len(groups)
