@@ -14,6 +14,7 @@ from keras_tensor_parallel.backends import jax as engine_lib
 from keras_tensor_parallel.verify.checks import (
     Check,
     build_tp_pair,
+    dtype_policy_scope,
     logical,
     model_gradients,
     scaled_diffs,
@@ -231,11 +232,14 @@ def compare_training(
         targets[:batch_size],
         loss,
     )
-    _compile(reference, optimizer_fn(), loss)
-    _compile(tp, optimizer_fn(), loss)
     kw = {"steps": steps, "batch_size": batch_size}
-    losses_ref = run_steps(reference, inputs, targets, **kw)
-    losses_tp = run_steps(tp, inputs, targets, **kw)
+    # Compile and train under the same policy the models were built with, so
+    # loss trackers (and floatx) follow it: float64 runs report float64.
+    with dtype_policy_scope(dtype_policy):
+        _compile(reference, optimizer_fn(), loss)
+        _compile(tp, optimizer_fn(), loss)
+        losses_ref = run_steps(reference, inputs, targets, **kw)
+        losses_tp = run_steps(tp, inputs, targets, **kw)
 
     rel = [
         abs(a - b) / max(abs(a), 1e-30) for a, b in zip(losses_ref, losses_tp)
