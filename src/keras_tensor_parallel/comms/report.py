@@ -29,23 +29,23 @@ def layer_of(op_name: str, layer_paths) -> str:
 
 
 def is_weight_gather(c: Collective, plan: ShardingPlan) -> bool:
-    """An all-gather that rebuilds a split variable.
+    """An all-gather that rebuilds a variable.
 
     Either its operand comes straight (through layout-only ops) from an
-    argument of the step, or it gathers a shard of a split variable's size
-    into that variable's full shape.
+    argument of the step, or it gathers a shard (over all N devices or a
+    subgroup) into a variable's full shape. Replicated variables count too:
+    XLA may update one (or its optimizer slots) sharded and gather the
+    result, which is not the Megatron pattern either.
     """
     if c.kind != "all-gather":
         return False
     if c.from_parameter:
         return True
-    n = plan.world_size
-    for e in plan.split:
+    for e in plan:
         full = tuple(e.storage_shape)
         for shape, operand in zip(c.shapes, c.operand_shapes):
-            if tuple(shape) == full and math.prod(operand) * n == math.prod(
-                full
-            ):
+            # A shard of 1/N, or of 1/k over a subgroup of k devices.
+            if tuple(shape) == full and math.prod(operand) < math.prod(full):
                 return True
     return False
 
