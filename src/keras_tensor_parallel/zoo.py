@@ -122,120 +122,71 @@ def seed_embedding() -> keras.Model:
 # KerasHub backbones -------------------------------------------------------
 
 
-def opt(
-    *,
+def _hub_backbone(class_name: str, doc: str, **defaults):
+    """A builder for `keras_hub.models.<class_name>` with default config;
+    keyword arguments override single fields (small configs in tests)."""
+
+    def build(**overrides):
+        import keras_hub
+
+        return getattr(keras_hub.models, class_name)(
+            **{**defaults, **overrides}
+        )
+
+    build.__name__ = class_name
+    build.__doc__ = doc
+    return build
+
+
+_BASE = dict(num_layers=12, hidden_dim=768, intermediate_dim=3072)
+
+opt = _hub_backbone(
+    "OPTBackbone",
+    "KerasHub OPTBackbone; defaults are the OPT-125M architecture.",
     vocabulary_size=50272,
-    num_layers=12,
     num_heads=12,
-    hidden_dim=768,
-    intermediate_dim=3072,
     max_sequence_length=2048,
     dropout=0.0,
-):
-    """KerasHub OPTBackbone; defaults are the OPT-125M architecture."""
-    import keras_hub
-
-    return keras_hub.models.OPTBackbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-        max_sequence_length=max_sequence_length,
-        dropout=dropout,
-    )
-
-
-def gpt2(
-    *,
+    **_BASE,
+)
+gpt2 = _hub_backbone(
+    "GPT2Backbone",
+    "KerasHub GPT2Backbone; defaults are GPT-2 small (vocab 50257).",
     vocabulary_size=50257,
-    num_layers=12,
     num_heads=12,
-    hidden_dim=768,
-    intermediate_dim=3072,
     max_sequence_length=1024,
     dropout=0.0,
-):
-    """KerasHub GPT2Backbone; defaults are GPT-2 small (vocab 50257)."""
-    import keras_hub
-
-    return keras_hub.models.GPT2Backbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-        max_sequence_length=max_sequence_length,
-        dropout=dropout,
-    )
-
-
-def bert(
-    *,
+    **_BASE,
+)
+bert = _hub_backbone(
+    "BertBackbone",
+    "KerasHub BertBackbone; defaults are BERT base.",
     vocabulary_size=30522,
-    num_layers=12,
     num_heads=12,
-    hidden_dim=768,
-    intermediate_dim=3072,
     max_sequence_length=512,
-):
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-        max_sequence_length=max_sequence_length,
-    )
-
-
-def roberta(
-    *,
+    **_BASE,
+)
+roberta = _hub_backbone(
+    "RobertaBackbone",
+    "KerasHub RobertaBackbone; defaults are RoBERTa base.",
     vocabulary_size=50265,
-    num_layers=12,
     num_heads=12,
-    hidden_dim=768,
-    intermediate_dim=3072,
     max_sequence_length=512,
-):
-    import keras_hub
-
-    return keras_hub.models.RobertaBackbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-        max_sequence_length=max_sequence_length,
-    )
-
-
-def llama(
-    *,
+    **_BASE,
+)
+llama = _hub_backbone(
+    "LlamaBackbone",
+    "A small Llama-style config (GQA, SwiGLU, RMSNorm, rotary).",
     vocabulary_size=32000,
     num_layers=4,
     num_query_heads=8,
     num_key_value_heads=4,
     hidden_dim=512,
     intermediate_dim=1376,
-):
-    """A small Llama-style config (GQA, SwiGLU, RMSNorm, rotary)."""
-    import keras_hub
-
-    return keras_hub.models.LlamaBackbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_query_heads=num_query_heads,
-        num_key_value_heads=num_key_value_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-    )
-
-
-def gemma(
-    *,
+)
+gemma = _hub_backbone(
+    "GemmaBackbone",
+    "A small Gemma-style config (multi-query attention, GeGLU).",
     vocabulary_size=32000,
     num_layers=4,
     num_query_heads=8,
@@ -243,19 +194,7 @@ def gemma(
     hidden_dim=512,
     intermediate_dim=2048,
     head_dim=64,
-):
-    """A small Gemma-style config (multi-query attention, GeGLU)."""
-    import keras_hub
-
-    return keras_hub.models.GemmaBackbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_query_heads=num_query_heads,
-        num_key_value_heads=num_key_value_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-        head_dim=head_dim,
-    )
+)
 
 
 ZOO: dict[str, ZooEntry] = {
