@@ -89,11 +89,14 @@ def test_heads_first_kernel_fusion_keeps_gradients(n):
         assert np.max(np.abs(a - b)) <= 1e-5 * (1 + np.max(np.abs(a)))
 
 
-def test_fewer_kv_heads_than_devices_is_flagged():
-    # Known limitation: 2 key/value heads cannot split over 4 devices, so
-    # the planner replicates the k/v kernels; XLA then updates them (and
-    # their Adam slots) sharded over pairs of devices and all-gathers the
-    # result: 1.83x the minimum bytes. The report must say so.
+def test_fewer_kv_heads_than_devices_gathers_no_weight():
+    # 2 key/value heads cannot split over 4 devices, so the planner
+    # replicates the k/v kernels. Their output gradient is then a partial
+    # sum per device; the engine pins it to replicated (one all-reduce of the
+    # activation gradient, as Megatron does for replicated kv heads).
+    # Without that, XLA reduce-scattered the weight gradient, updated k/v
+    # and their Adam slots in shards and all-gathered them: 1.83x the
+    # minimum bytes and a weight all-gather every step.
     keras.utils.set_random_seed(0)
     model = zoo.llama(
         vocabulary_size=1000,
@@ -104,5 +107,6 @@ def test_fewer_kv_heads_than_devices_is_flagged():
         intermediate_dim=128,
     )
     report = comms.analyze(model, 4, batch_size=2, seq_len=16)
-    assert report.has_weight_gather
-    assert report.ratio_bytes > 1.5
+    assert not report.has_weight_gather, report.table()
+    # The extra bytes are the k/v activation-gradient reductions.
+    assert report.ratio_bytes <= 1.2, report.table()

@@ -224,6 +224,70 @@ def _wrap_reverse_call(layer) -> None:
     layer._tp_sliced = True
 
 
+# Replicated projections -------------------------------------------------------
+
+
+def _replicated_grad(sharding):
+    """Identity whose backward makes the incoming gradient replicated."""
+
+    @jax.custom_vjp
+    def identity(x):
+        return x
+
+    def fwd(x):
+        return x, None
+
+    def bwd(_, g):
+        return (jax.lax.with_sharding_constraint(g, sharding),)
+
+    identity.defvjp(fwd, bwd)
+    return identity
+
+
+def install_replicated_grads(model, plan: ShardingPlan, mesh) -> int:
+    """Reduce the output gradient of replicated projections, not their
+    weight gradient.
+
+    A replicated projection whose output meets a split region (k/v heads
+    that do not divide by the world size, read by split query heads) gets a
+    gradient that is a partial sum per device. Left alone, XLA reduce-
+    scatters the weight gradient, updates the weight (and its optimizer
+    slots) in shards and all-gathers it back: a weight all-gather every
+    step. Pinning the output gradient to replicated makes it one all-reduce
+    of the activation gradient, after which every device computes the full
+    weight gradient locally, as Megatron does for replicated kv heads.
+    Where the gradient is already replicated the constraint is a no-op.
+    """
+    by_path = {e.path: e for e in plan}
+    replicated = jax.sharding.NamedSharding(
+        mesh.backend_mesh, jax.sharding.PartitionSpec()
+    )
+    count = 0
+    for layer in model._flatten_layers(include_self=False):
+        kernel = getattr(layer, "kernel", None)
+        if (
+            not isinstance(
+                layer, (keras.layers.Dense, keras.layers.EinsumDense)
+            )
+            or kernel is None
+            or getattr(layer, "_tp_replicated_grad", False)
+        ):
+            continue
+        entry = by_path.get(kernel.path)
+        if entry is None or entry.is_split:
+            continue
+        identity = _replicated_grad(replicated)
+        original = layer.call
+
+        def call(*args, _original=original, _identity=identity, **kwargs):
+            return _identity(_original(*args, **kwargs))
+
+        layer.call = call
+        layer._tp_replicated_grad = True
+        count += 1
+    return count
+
+
 # Inspection ------------------------------------------------------------------
 
 
@@ -279,6 +343,7 @@ class JaxEngine:
         from keras_tensor_parallel.backends import jax_fusion
 
         jax_fusion.install(model, self.plan)
+        install_replicated_grads(model, self.plan, self.mesh)
         self._references = reference_layouts(model)
         # A model compiled and trained before wrapping already has optimizer
         # slots and metric state: they follow their parameters' layouts.
