@@ -259,7 +259,7 @@ def _run_verify(args) -> int:
 
     from keras_tensor_parallel import models
     from keras_tensor_parallel.verify import report as report_lib
-    from keras_tensor_parallel.verify import report as runner
+    from keras_tensor_parallel.verify import runner
 
     spec = models.resolve(args.model)
     ids = _check_devices(args.world_size)
