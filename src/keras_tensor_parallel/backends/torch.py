@@ -53,6 +53,14 @@ def reset_counts() -> None:
         COUNTS[key] = 0
 
 
+def _count(key: str) -> None:
+    # Not under torch.compile: dynamo would guard on the counter's value
+    # (a recompile every step) and cannot mutate it inside an autograd
+    # Function (a graph break). Compiled steps are not counted.
+    if not torch.compiler.is_compiling():
+        COUNTS[key] += 1
+
+
 # Process group ---------------------------------------------------------------
 
 
@@ -101,7 +109,7 @@ class _F(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        COUNTS["backward"] += 1
+        _count("backward")
         dist.all_reduce(grad)
         return grad
 
@@ -112,7 +120,7 @@ class _G(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         out = x.contiguous().clone()
-        COUNTS["forward"] += 1
+        _count("forward")
         dist.all_reduce(out)
         return out
 
@@ -132,7 +140,7 @@ class _GatherLast(torch.autograd.Function):
         pad = width - x.shape[-1]
         padded = torch.nn.functional.pad(x.contiguous(), (0, pad))
         parts = [torch.empty_like(padded) for _ in sizes]
-        COUNTS["gather"] += 1
+        _count("gather")
         dist.all_gather(parts, padded)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
@@ -363,15 +371,24 @@ def install_clipping(optimizer) -> None:
     """Make clipnorm/global_clipnorm use full (all-reduced) norms."""
     if getattr(optimizer, "_tp_clipping", False):
         return
-    apply = optimizer.apply
+    apply = optimizer._backend_apply_gradients
     clip = optimizer._clip_gradients
+    # The variables of the current update live in this closure, NOT in an
+    # optimizer attribute: Keras tracks a list of variables assigned to a
+    # tracked object, so the model's variables would be listed again in
+    # `optimizer.variables` (and saved with the optimizer state).
+    current: dict = {"variables": None}
 
-    def tp_apply(grads, trainable_variables=None):
-        optimizer._tp_vars = list(trainable_variables or [])
-        return apply(grads, trainable_variables)
+    def tp_apply(grads, trainable_variables):
+        # Called after empty gradients were filtered: the lists align.
+        current["variables"] = list(trainable_variables)
+        try:
+            return apply(grads, trainable_variables)
+        finally:
+            current["variables"] = None
 
     def tp_clip(grads):
-        variables = getattr(optimizer, "_tp_vars", None)
+        variables = current["variables"]
         if not variables or len(variables) != len(grads):
             return clip(grads)
         if optimizer.clipnorm and optimizer.clipnorm > 0:
@@ -392,7 +409,7 @@ def install_clipping(optimizer) -> None:
             ]
         return clip(grads)
 
-    optimizer.apply = tp_apply
+    optimizer._backend_apply_gradients = tp_apply
     optimizer._clip_gradients = tp_clip
     optimizer._tp_clipping = True
 
