@@ -24,10 +24,40 @@ TIMEOUT = 150
 TINY = dict(num_layers=2, num_heads=4, hidden_dim=32, intermediate_dim=64)
 
 
+def _subclassed():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tp_test")
+    class ResidualMLP(keras.Model):
+        """A plain subclassed model: Dense layers and a residual."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.inp = keras.layers.Dense(64)
+            self.up = keras.layers.Dense(128, activation="relu")
+            self.down = keras.layers.Dense(64)
+            self.head = keras.layers.Dense(32)
+
+        def call(self, x):
+            h = self.inp(x)
+            h = h + self.down(self.up(h))
+            return self.head(h)
+
+    def build():
+        model = ResidualMLP()
+        model(np.zeros((1, 64), "float32"))
+        return model
+
+    return build
+
+
 def _case(name):
     from keras_tensor_parallel import zoo
 
     rng = np.random.RandomState(1)
+    if name == "subclass":
+        x = rng.randn(8, 64).astype("float32")
+        return _subclassed(), x, rng.randn(8, 32).astype("float32"), 0
     if name == "mlp":
         x = rng.randn(8, 64).astype("float32")
         return zoo.seed_mlp, x, rng.randn(8, 32).astype("float32"), 0
@@ -84,6 +114,10 @@ def _grads(model, x):
 
 def worker(name: str, out_path: str, fail: str = "") -> None:
     """Runs in every rank (KERAS_BACKEND=torch)."""
+    if name == "compile":
+        return compile_worker(out_path)
+    if name == "clip":
+        return clip_worker(out_path)
     import keras
     import torch.distributed as dist
 
@@ -135,6 +169,13 @@ def worker(name: str, out_path: str, fail: str = "") -> None:
     tp_hist = tp.fit(x, y, **kw).history["loss"]
     res["losses"] = [tp_hist, ref_hist]
     res["fit_losses"] = _rel(tp_hist, ref_hist)
+    # Every variable listed once, none of them again as optimizer state.
+    ids = [id(v) for v in tp.variables]
+    res["variables_once"] = (
+        len(ids) == len(set(ids)) == len(ref.variables)
+        and not set(ids) & {id(v) for v in tp.optimizer.variables}
+        and len(tp.optimizer.variables) == len(ref.optimizer.variables)
+    )
     full = tp.get_weights()  # gathered on every rank
     # A key bias gets an exactly-zero gradient (softmax is shift-invariant)
     # that rounding makes +-1e-9; Adam scales that noise to full-size steps
@@ -148,6 +189,79 @@ def worker(name: str, out_path: str, fail: str = "") -> None:
     if dist.get_rank() == 0:
         loaded = keras.saving.load_model(path)
         res["loaded"] = _rel(loaded(x).detach(), ref(x).detach())
+        with open(out_path, "w") as fh:
+            json.dump(res, fh)
+
+
+def compile_worker(out_path: str) -> None:
+    """MLP trained under `jit_compile=True` (torch.compile, inductor) on 2
+    ranks against an eager single-process run."""
+    import keras
+    import torch
+    import torch.distributed as dist
+
+    from keras_tensor_parallel import TensorParallelKeras, zoo
+    from keras_tensor_parallel.backends import torch as tb
+
+    build, x, y, _ = _case("mlp")
+    ref, cand, _ = zoo.build_pair(build, seed=0)
+    tp = TensorParallelKeras(cand, world_size=2)
+    ref.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    tp.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=True
+    )
+    tb.reset_counts()
+    kw = dict(epochs=3, batch_size=len(y), shuffle=False, verbose=0)
+    tp_hist = tp.fit(x, y, **kw).history["loss"]
+    ref_hist = ref.fit(x, y, **kw).history["loss"]
+    res = {
+        "losses": [tp_hist, ref_hist],
+        "fit_losses": _rel(tp_hist, ref_hist),
+        "fit_weights": _rel_all(tp.get_weights(), ref.get_weights()),
+        "jit_compile": bool(tp.jit_compile),
+        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        # f and g run eagerly (counted) only if dynamo fell back on them.
+        "eager_collectives": sum(tb.COUNTS.values()),
+    }
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as fh:
+            json.dump(res, fh)
+
+
+def clip_worker(out_path: str) -> None:
+    """clipnorm and global_clipnorm (SGD, so the clip scale reaches the
+    update unchanged) on 2 ranks against one process; then a verbose fit
+    and a save, whose output the test inspects."""
+    import keras
+    import torch.distributed as dist
+
+    from keras_tensor_parallel import TensorParallelKeras, zoo
+
+    build, x, y, _ = _case("attention")
+    res = {}
+    ref, _, _ = zoo.build_pair(build, seed=0)
+    ref.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    plain = [float(ref.train_on_batch(x, y)) for _ in range(3)]
+    for key, value in (("clipnorm", 0.01), ("global_clipnorm", 0.02)):
+        ref, cand, _ = zoo.build_pair(build, seed=0)
+        tp = TensorParallelKeras(cand, world_size=2)
+        for model in (ref, tp):
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.1, **{key: value}),
+                loss="mse",
+            )
+        ref_losses = [float(ref.train_on_batch(x, y)) for _ in range(3)]
+        tp_losses = [float(tp.train_on_batch(x, y)) for _ in range(3)]
+        res[key] = {
+            "losses": _rel(tp_losses, ref_losses),
+            "weights": _rel_all(tp.get_weights(), ref.get_weights()),
+            # The threshold is low enough that clipping changes training.
+            "clipped": _rel(ref_losses, plain),
+        }
+    kw = dict(epochs=2, batch_size=len(y), shuffle=False, verbose=1)
+    tp.fit(x, y, **kw)
+    tp.save("model.keras")  # relative: the test's working directory
+    if dist.get_rank() == 0:
         with open(out_path, "w") as fh:
             json.dump(res, fh)
 
@@ -177,7 +291,9 @@ def _launch(tmp_path, *args, timeout=TIMEOUT):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["mlp", "attention", "opt", "gpt2"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "attention", "opt", "gpt2", "subclass"]
+)
 def test_parity_with_single_process(tmp_path, name):
     out = tmp_path / "result.json"
     proc = _launch(tmp_path, name, str(out))
@@ -189,11 +305,45 @@ def test_parity_with_single_process(tmp_path, name):
     assert res["fit_losses"] <= 1e-5, res
     assert res["fit_weights"] <= 1e-4, res
     assert res["loaded"] <= 1e-5, res
+    assert res["variables_once"], res
     # Megatron minimum: 2 all-reduces per block each way, +1 in forward for
     # the vocab-parallel embedding.
     assert [res["counts"]["forward"], res["counts"]["backward"]] == res[
         "expect"
     ], res
+
+
+@pytest.mark.torch
+def test_torch_compile_parity(tmp_path):
+    out = tmp_path / "result.json"
+    proc = _launch(tmp_path, "compile", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["jit_compile"] and res["graphs"] > 0, res
+    assert res["eager_collectives"] == 0, res
+    assert res["fit_losses"] <= 1e-5, res
+    assert res["fit_weights"] <= 1e-4, res
+
+
+@pytest.mark.torch
+def test_clipping_and_rank0_output(tmp_path):
+    out = tmp_path / "result.json"
+    proc = _launch(tmp_path, "clip", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for key in ("clipnorm", "global_clipnorm"):
+        assert res[key]["clipped"] > 1e-3, res
+        assert res[key]["losses"] <= 1e-5, res
+        assert res[key]["weights"] <= 1e-5, res
+    # Both ranks write to the launcher's stdout; only rank 0 prints (each
+    # epoch's header once, then its progress bar).
+    assert proc.stdout.count("Epoch 1/2") == 1, proc.stdout[-2000:]
+    assert proc.stdout.count("Epoch 2/2") == 1, proc.stdout[-2000:]
+    assert "/step - loss:" in proc.stdout.split("Epoch 2/2")[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.keras",
+        "result.json",
+    ]
 
 
 @pytest.mark.torch
