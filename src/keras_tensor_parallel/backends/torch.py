@@ -23,6 +23,11 @@ rank 0 and seeds Keras with it (same shuffling, same dropout), and only
 rank 0 prints progress. Split variables read as full arrays (`numpy()`,
 `get_weights()`, saving all-gather them; every rank must take part) and
 accept full arrays in `assign()`.
+
+`compile(..., jit_compile=True)` (torch.compile, inductor) traces f, g and
+the vocab gather into the compiled graphs (no eager fallback for them);
+the collective counters in `COUNTS` only count eager calls. Compiling is
+slow on CPU (tiny OPT: about 140 s for the first steps on 2 shared cores).
 """
 
 from __future__ import annotations
