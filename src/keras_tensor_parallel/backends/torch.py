@@ -24,10 +24,10 @@ rank 0 prints progress. Split variables read as full arrays (`numpy()`,
 `get_weights()`, saving all-gather them; every rank must take part) and
 accept full arrays in `assign()`.
 
-`compile(..., jit_compile=True)` (torch.compile, inductor) traces f, g and
-the vocab gather into the compiled graphs (no eager fallback for them);
-the collective counters in `COUNTS` only count eager calls. Compiling is
-slow on CPU (tiny OPT: about 140 s for the first steps on 2 shared cores).
+`compile(..., jit_compile=True)` (torch.compile, inductor) traces f and g
+into the compiled graphs (no eager fallback for them; the tied reverse
+head's gather is untested there); `COUNTS` only counts eager calls.
+Compiling is slow on CPU (tiny OPT: about 140 s on 2 shared cores).
 """
 
 from __future__ import annotations
