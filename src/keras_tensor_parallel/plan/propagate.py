@@ -57,7 +57,17 @@ def propagate(node, dims: Sequence[int | None]) -> Dims:
     fn = _PROPAGATORS.get(node.type_name)
     if fn is None:
         raise Conflict(f"no sharding rule for op {node.type_name}")
-    return fn(node, list(dims))
+    try:
+        return fn(node, list(dims))
+    except Conflict:
+        raise
+    except Exception as e:  # noqa: BLE001 - a call form the rule misreads
+        # Planning must never crash: a call the propagator does not
+        # understand stops the region, and the plan says which op.
+        raise Conflict(
+            f"{node.type_name} called in a form its rule does not read "
+            f"({type(e).__name__})"
+        ) from e
 
 
 def _rank(t) -> int:
@@ -74,6 +84,19 @@ def _norm_axes(axis, rank: int) -> list[int]:
 
 def _only_split(dims: Dims) -> list[tuple[int, int]]:
     return [(i, d) for i, d in enumerate(dims) if d is not None]
+
+
+def _operands(node, dims: Dims) -> list[tuple[tuple, int | None]]:
+    """(shape, split dim) of each positional operand of `node`.
+
+    `node.inputs` (and `dims`) list only the symbolic tensors; an operand
+    that is a variable or constant (`ops.matmul(x, self.w)`) is not among
+    them, so position-sensitive rules read the call's own arguments.
+    """
+    split = {id(t): d for t, d in zip(node.inputs, dims)}
+    return [
+        (tuple(getattr(a, "shape", ())), split.get(id(a))) for a in node.args
+    ]
 
 
 # Elementwise ------------------------------------------------------------------
@@ -131,6 +154,7 @@ def _softmax(node, dims: Dims) -> Dims:
     "LlamaLayerNorm",
     "MistralLayerNormalization",
     "QwenLayerNorm",
+    "T5LayerNorm",
     "UnitNormalization",
     "GroupNormalization",
     "Normalize",
@@ -306,6 +330,31 @@ def _split(node, dims: Dims) -> Dims:
     return [d] * len(node.outputs)
 
 
+@propagator("TakeAlongAxis")
+def _take_along_axis(node, dims: Dims) -> Dims:
+    axis = node.op.axis
+    if axis is None and any(d is not None for d in dims):
+        raise Conflict("TakeAlongAxis without axis flattens the split dim")
+    out = _broadcast(node, dims)
+    if out[0] is not None and out[0] == axis % _rank(node.outputs[0]):
+        raise Conflict("TakeAlongAxis gathers along the split dim")
+    return out
+
+
+@propagator("Take")
+def _take(node, dims: Dims) -> Dims:
+    (x_shape, d), (i_shape, di) = _operands(node, dims)[:2]
+    if di is not None:
+        raise Conflict("Take indexed by a split tensor")
+    if d is None:
+        return [None]
+    axis = node.op.axis
+    if axis is None or axis % len(x_shape) == d:
+        raise Conflict("Take gathers along the split dim")
+    axis %= len(x_shape)
+    return [d if d < axis else d + len(i_shape) - 1]
+
+
 @propagator("Pad")
 def _pad(node, dims: Dims) -> Dims:
     d = dims[0]
@@ -411,7 +460,10 @@ def _einsum(node, dims: Dims) -> Dims:
     lhs, out = subscripts.split("->")
     specs = lhs.split(",")
     label = None
-    for i, d in _only_split(dims):
+    operands = _operands(node, dims)
+    for i, (_, d) in enumerate(operands):
+        if d is None:
+            continue
         here = specs[i][d]
         if label is not None and here != label:
             raise Conflict("Einsum operands split on different labels")
@@ -425,12 +477,13 @@ def _einsum(node, dims: Dims) -> Dims:
 
 @propagator("Matmul")
 def _matmul(node, dims: Dims) -> Dims:
-    a, b = node.inputs[:2]
-    ra, rb = _rank(a), _rank(b)
+    operands = _operands(node, dims)[:2]
     rank = _rank(node.outputs[0])
     target = None
-    for i, d in _only_split(dims):
-        r = ra if i == 0 else rb
+    for i, (shape, d) in enumerate(operands):
+        if d is None:
+            continue
+        r = len(shape)
         if (i == 0 and d == r - 1) or (i == 1 and d == r - 2):
             raise Conflict("Matmul contracts the split dim")
         if r == 1:

@@ -264,6 +264,7 @@ def _register_keras_hub_norms() -> None:
         ),
         ("keras_hub.src.models.qwen.qwen_layernorm", "QwenLayerNorm"),
         ("keras_hub.src.models.gemma3.gemma3_layers", "RMSNormalization"),
+        ("keras_hub.src.models.t5.t5_layer_norm", "T5LayerNorm"),
     ]
     for module, name in candidates:
         try:
