@@ -156,16 +156,23 @@ def extract_graph(
             return outputs
         mark = len(nodes)
         try:
-            return self.call(*args, **kwargs)
+            outputs = self.call(*args, **kwargs)
+            if not _concrete_outputs(outputs):
+                return outputs
+            # Computed from the layer's own weights alone (DeBERTa's
+            # relative embedding): its ops ran eagerly and are not in the
+            # graph, so the layer stands as one opaque node.
+            reason = "output computed from its own weights, not its inputs"
         except Exception as e:  # noqa: BLE001 - any failure makes it opaque
-            del nodes[mark:]
-            outputs = self.compute_output_spec(*args, **kwargs)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            record(self, args, kwargs, outputs, reason=reason or "opaque")
-            return outputs
+        del nodes[mark:]
+        outputs = self.compute_output_spec(*args, **kwargs)
+        record(self, args, kwargs, outputs, reason=reason or "opaque")
+        return outputs
 
     Operation.symbolic_call = op_symbolic_call
     keras.layers.Layer.symbolic_call = layer_symbolic_call
+    restore = _lenient_symbolic_calls()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -173,6 +180,7 @@ def extract_graph(
     finally:
         Operation.symbolic_call = orig_op_call
         keras.layers.Layer.symbolic_call = orig_layer_call
+        restore()
         for la in layers:
             n_in, n_out = saved[id(la)]
             del la._inbound_nodes[n_in:]
@@ -190,6 +198,60 @@ def extract_graph(
     }
     return ModelGraph(
         nodes, producer, consumers, out_ids, keras.tree.flatten(inputs)
+    )
+
+
+def _lenient_symbolic_calls() -> Callable[[], None]:
+    """Let layer code written for concrete tensors run on symbolic ones.
+
+    Keras runs a layer's `call` on backend tensors when it builds a model;
+    the trace runs it on `KerasTensor`s, which code may meet in two ways
+    Keras itself never does:
+
+    - a nested layer returning `None` beside its tensors (an empty cache,
+      GPT-NeoX attention): Keras' node bookkeeping rejects non-tensor
+      outputs, so only the tensors are recorded;
+    - a backend array combined with a symbolic one (`slopes * mask` in
+      Falcon's ALiBi): without `__jax_array__` the array's operator returns
+      `NotImplemented` and Python falls back to the `KerasTensor`'s own
+      reflected operator, a traced op.
+
+    Returns:
+        A function restoring both.
+    """
+    from keras.src.ops.node import Node
+
+    node_init = Node.__init__
+    jax_array = KerasTensor.__dict__.get("__jax_array__")
+
+    def lenient_init(
+        self, operation, call_args=None, call_kwargs=None, outputs=None
+    ):
+        if outputs is not None:
+            outputs = [
+                t
+                for t in keras.tree.flatten(outputs)
+                if isinstance(t, KerasTensor)
+            ]
+        node_init(self, operation, call_args, call_kwargs, outputs)
+
+    Node.__init__ = lenient_init
+    if jax_array is not None:
+        del KerasTensor.__jax_array__
+
+    def restore() -> None:
+        Node.__init__ = node_init
+        if jax_array is not None:
+            KerasTensor.__jax_array__ = jax_array
+
+    return restore
+
+
+def _concrete_outputs(outputs) -> bool:
+    """Whether a traced call returned arrays instead of symbolic tensors."""
+    return any(
+        hasattr(t, "shape") and not isinstance(t, KerasTensor)
+        for t in keras.tree.flatten(outputs)
     )
 
 

@@ -332,12 +332,16 @@ class _Planner:
         if isinstance(r, rules.LinearRule):
             if id(node.op) in region.columns or id(node.op) in region.rows:
                 return
-            if self._is_decided(r) or len(self.graph.layer_nodes(node.op)) > 1:
+            if self._is_decided(r):
                 return
             label = _label_at(r.output_spec, t, dim)
             if label not in r.column_labels() or r.label_size(label) % self.n:
                 return
-            if any(id(x) in region.split for x in node.inputs):
+            # Every call of the recruit splits its output (a layer called
+            # twice, like DeBERTa's key on hidden and position states), so
+            # none of its calls may read a tensor the region splits.
+            calls = self.graph.layer_nodes(node.op)
+            if any(id(x) in region.split for c in calls for x in c.inputs):
                 return
             self._add_column(region, node.op, r, label)
             return
