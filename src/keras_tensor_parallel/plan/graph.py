@@ -23,6 +23,8 @@ from keras.src.backend import KerasTensor
 from keras.src.ops.operation import Operation
 
 _TRACE_BATCH = 2
+# Opaque reason of a layer whose output does not depend on its inputs.
+WEIGHTS_ONLY = "output computed from its own weights, not its inputs"
 _TRACE_SEQUENCE = 16
 
 
@@ -162,7 +164,7 @@ def extract_graph(
             # Computed from the layer's own weights alone (DeBERTa's
             # relative embedding): its ops ran eagerly and are not in the
             # graph, so the layer stands as one opaque node.
-            reason = "output computed from its own weights, not its inputs"
+            reason = WEIGHTS_ONLY
         except Exception as e:  # noqa: BLE001 - any failure makes it opaque
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         del nodes[mark:]

@@ -452,6 +452,12 @@ class _Planner:
             return "not owned by a layer: replicated"
         if id(layer) in self.opaque_ancestor:
             outer, why = self.opaque_ancestor[id(layer)]
+            if why == graph_lib.WEIGHTS_ONLY:
+                return (
+                    f"inside {type(outer).__name__} {outer.name!r}, whose "
+                    "output is computed from its own weights alone (no "
+                    "input to split along): replicated"
+                )
             return (
                 f"inside {type(outer).__name__} {outer.name!r}, which could "
                 f"not be traced ({why}): replicated"
