@@ -205,3 +205,27 @@ def test_overrides_apply_in_order_and_validate():
         plan_model(model, 2, overrides={"no_such_layer/kernel": "row"})
     with pytest.raises(ValueError, match="one entry per dim"):
         plan_model(model, 2, overrides={first_kernel: ("model",)})
+
+
+def test_strict_operands_replicate_what_an_engine_cannot_slice():
+    # Falcon adds an ALiBi table over all heads to split attention scores.
+    # XLA slices it per device; an engine running each rank's own code
+    # (torch) cannot, so with slice_operands=False attention stays whole.
+    import keras_hub
+
+    model = keras_hub.models.FalconBackbone(
+        vocabulary_size=256,
+        num_layers=1,
+        num_attention_heads=4,
+        hidden_dim=32,
+        intermediate_dim=64,
+    )
+    loose = plan_model(model, 2)
+    strict = plan_model(model, 2, slice_operands=False)
+    qkv = [e.path for e in loose if "attention/query_dense/kernel" in e.path]
+    assert qkv and all(loose[p].is_split for p in qkv)
+    assert all(not strict[p].is_split for p in qkv)
+    assert all("cannot slice" in strict[p].reason for p in qkv)
+    # The MLP region has no such operand and stays split either way.
+    mlp = [e for e in strict if e.role in (Role.COLUMN, Role.ROW)]
+    assert mlp

@@ -118,6 +118,8 @@ def worker(name: str, out_path: str, fail: str = "") -> None:
         return compile_worker(out_path)
     if name == "clip":
         return clip_worker(out_path)
+    if name == "unrunnable":
+        return unrunnable_worker(out_path)
     import keras
     import torch.distributed as dist
 
@@ -191,6 +193,66 @@ def worker(name: str, out_path: str, fail: str = "") -> None:
         res["loaded"] = _rel(loaded(x).detach(), ref(x).detach())
         with open(out_path, "w") as fh:
             json.dump(res, fh)
+
+
+def unrunnable_worker(out_path: str) -> None:
+    """DeBERTa's attention reshapes with the full head count, which local
+    shards cannot satisfy: the wrap must fail at once with a ValueError and
+    leave the model as it was; Falcon's ALiBi table (full-size, added to
+    split heads) must keep its attention whole on torch and run correctly."""
+    import keras_hub
+    import torch.distributed as dist
+
+    from keras_tensor_parallel import TensorParallelKeras, zoo
+
+    rng = np.random.RandomState(1)
+    x = {
+        "token_ids": rng.randint(0, 256, (2, 8)).astype("int32"),
+        "padding_mask": np.ones((2, 8), "int32"),
+    }
+    res = {}
+
+    def deberta():
+        return keras_hub.models.DebertaV3Backbone(
+            vocabulary_size=256, max_sequence_length=16, **TINY
+        )
+
+    _, cand, weights = zoo.build_pair(deberta, seed=0)
+    before = [np.asarray(v.value.detach()).copy() for v in cand.variables]
+    try:
+        TensorParallelKeras(cand, world_size=2)
+        res["error"] = ""
+    except ValueError as e:
+        res["error"] = str(e)
+    after = [np.asarray(v.value.detach()) for v in cand.variables]
+    res["unchanged"] = len(before) == len(after) and all(
+        a.shape == b.shape and np.array_equal(a, b)
+        for a, b in zip(after, before)
+    )
+
+    def falcon():
+        return keras_hub.models.FalconBackbone(
+            vocabulary_size=256,
+            num_layers=1,
+            num_attention_heads=4,
+            hidden_dim=32,
+            intermediate_dim=64,
+        )
+
+    ref, cand, _ = zoo.build_pair(falcon, seed=0)
+    want = np.asarray(ref(x).detach())
+    tp = TensorParallelKeras(cand, world_size=2)
+    res["falcon"] = _rel(np.asarray(tp(x).detach()), want)
+    res["falcon_attention_split"] = any(
+        e.is_split for e in tp.plan if "query_dense" in e.path
+    )
+    res["falcon_mlp_split"] = any(
+        e.is_split for e in tp.plan if "dense_h_to_4h" in e.path
+    )
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+    dist.barrier()
 
 
 def compile_worker(out_path: str) -> None:
@@ -347,6 +409,18 @@ def test_clipping_and_rank0_output(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.torch
+def test_unrunnable_plans_fail_at_wrap_time(tmp_path):
+    out = tmp_path / "result.json"
+    proc = _launch(tmp_path, "unrunnable", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert "cannot run this plan on local shards" in res["error"], res
+    assert res["unchanged"], res
+    assert res["falcon"] <= 1e-5, res
+    assert not res["falcon_attention_split"] and res["falcon_mlp_split"], res
+
+
 def test_failing_rank_stops_the_others(tmp_path):
     proc = _launch(tmp_path, "fail", "-", "fail", timeout=90)
     assert proc.returncode not in (0, 124), proc.stderr[-2000:]

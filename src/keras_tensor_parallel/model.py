@@ -72,7 +72,14 @@ class TensorParallelKeras(keras.Model):
             world_size=world_size, device_ids=device_ids
         )
         if plan is None:
-            plan = plan_model(model, len(ids), overrides=overrides)
+            # XLA slices unsplit operands that meet a split dim; the torch
+            # engine runs the model's own code per rank and cannot.
+            plan = plan_model(
+                model,
+                len(ids),
+                overrides=overrides,
+                slice_operands=backend == "jax",
+            )
         elif plan.world_size != len(ids):
             raise ValueError(
                 f"plan.world_size ({plan.world_size}) must equal the number "

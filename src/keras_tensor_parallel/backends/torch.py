@@ -497,6 +497,8 @@ class TorchEngine:
                 # width) would reject them.
                 if _layer_kind(entries) == "row":
                     layer.input_spec = None
+            _retrack(model)
+            _check_runs(model)
         except Exception:
             for layer, call, spec in calls:
                 layer.input_spec = spec
@@ -508,7 +510,6 @@ class TorchEngine:
                 unsplit_variable(v, full)
             _retrack(model)
             raise
-        _retrack(model)
 
     def _split_layers(self) -> dict:
         out: dict = {}
@@ -575,3 +576,31 @@ def is_main_process() -> bool:
 def log(*args) -> None:
     if is_main_process():
         print(*args, file=sys.stderr)
+
+
+def _check_runs(model) -> None:
+    """One tiny forward pass on the local shards, so that a model whose own
+    code cannot run split (say it reshapes a split tensor with the full head
+    count, which the plan cannot see) fails here, at wrap time, and is
+    rolled back, rather than at its first call. Every rank runs the same
+    code on the same shapes, so all ranks fail or pass together."""
+    from keras_tensor_parallel.plan.graph import symbolic_inputs
+
+    inputs = keras.tree.map_structure(
+        lambda t: np.ones(t.shape, t.dtype), symbolic_inputs(model)
+    )
+    counts = dict(COUNTS)  # the check is not part of the user's work
+    try:
+        model(inputs)
+    except Exception as e:  # noqa: BLE001 - reported as the user's error
+        first = str(e).strip().splitlines()[0][:200] if str(e) else ""
+        raise ValueError(
+            "The torch engine cannot run this plan on local shards: "
+            f"{type(e).__name__}: {first}. The model's own code probably "
+            "shapes a split tensor with a full-size count (for example the "
+            "number of heads). Replicate that layer with "
+            "overrides={'<path regex>': 'replicated'}, or use the JAX "
+            f"backend. Received: model={model.name!r}"
+        ) from e
+    finally:
+        COUNTS.update(counts)

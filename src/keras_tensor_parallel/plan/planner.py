@@ -43,6 +43,7 @@ def plan_model(
     world_size: int,
     *,
     overrides: dict | None = None,
+    slice_operands: bool = True,
 ) -> ShardingPlan:
     """Plan Megatron-style tensor parallelism for a built Keras model.
 
@@ -55,6 +56,12 @@ def plan_model(
             tuple of mesh-axis names (`"model"` or `None` per dim) or a role
             name (`"replicated"`, `"column"` splits the last dim, `"row"` and
             `"vocab"` the first).
+        slice_operands: Whether an unsplit full-size tensor may meet a split
+            dim (an ALiBi table or position bias added to split heads, kv
+            heads that do not divide, read by split query heads). The JAX
+            engine slices such tensors inside XLA. Engines that run each
+            rank's own copy of the model code (torch) cannot, so they pass
+            False and such a region is replicated, with the reason.
 
     Returns:
         The `ShardingPlan`.
@@ -71,7 +78,9 @@ def plan_model(
     validate_world_size(world_size)
     check_built(model)
     graph = graph_lib.extract_graph(model, is_leaf=_is_leaf)
-    entries = _Planner(model, graph, world_size).run()
+    entries = _Planner(
+        model, graph, world_size, slice_operands=slice_operands
+    ).run()
     plan = ShardingPlan(world_size, tuple(entries), model_name=model.name)
     if overrides:
         plan = apply_overrides(plan, overrides)
@@ -115,11 +124,14 @@ class _Region:
         self.rows: dict[int, tuple] = {}  # id(layer) -> (layer, rule, lbl)
         self.split: dict[int, int] = {}  # id(tensor) -> dim
         self.queue: collections.deque = collections.deque()
+        # (op name, tensor): unsplit full-size operands meeting the split.
+        self.full_operands: list[tuple] = []
 
 
 class _Planner:
-    def __init__(self, model, graph, world_size):
+    def __init__(self, model, graph, world_size, *, slice_operands=True):
         self.model = model
+        self.slice_operands = slice_operands
         self.graph = graph
         self.n = world_size
         self.decided: dict[int, tuple] = {}  # id(var) -> (axes, role, reason)
@@ -266,8 +278,11 @@ class _Planner:
                 "cannot take a split input"
             )
         outs = prop.propagate(node, dims)
+        full = self._full_operands(node, dims, outs, region)
+        region.full_operands += [(node.name, x) for x, _ in full]
         if recruit:
-            self._recruit(region, node, dims, outs)
+            for x, c in full:
+                self._recruit_producer(region, x, c, depth=0)
         for t, d in zip(node.outputs, outs):
             if d is not None:
                 self._set_split(region, t, d)
@@ -303,25 +318,31 @@ class _Planner:
             return
         raise prop.Conflict(f"{layer.name} kernel would need the split dim")
 
-    def _recruit(self, region, node, dims, outs) -> None:
-        """Split the producers of full-size operands that meet the split."""
+    def _full_operands(self, node, dims, outs, region) -> list[tuple]:
+        """(tensor, dim) of unsplit operands whose full-size dim lines up
+        with the split output: each device needs only its slice of them."""
         if len(node.inputs) < 2 or all(d is None for d in outs):
-            return
+            return []
+        found = []
         for i, x in enumerate(node.inputs):
             if dims[i] is not None or id(x) in region.split:
                 continue
             for c in range(len(x.shape)):
                 if x.shape[c] in (None, 1):
                     continue
-                trial = list(dims)
+                # Split this operand alone: it lines up when that alone
+                # splits the output the same way (an op that ignores the
+                # operand, like an attention mask, never does).
+                trial = [None] * len(dims)
                 trial[i] = c
                 try:
                     if prop.propagate(node, trial) != outs:
                         continue
                 except prop.Conflict:
                     continue
-                self._recruit_producer(region, x, c, depth=0)
+                found.append((x, c))
                 break
+        return found
 
     def _recruit_producer(self, region, t, dim, depth) -> None:
         """Walk back from `t` (needed split on `dim`) to column candidates."""
@@ -365,6 +386,13 @@ class _Planner:
     def _check_complete(self, region) -> None:
         if not region.rows:
             raise prop.Conflict("no row-parallel consumer")
+        if not self.slice_operands:
+            for name, x in region.full_operands:
+                if id(x) not in region.split:
+                    raise prop.Conflict(
+                        f"{name}: an unsplit full-size tensor meets the "
+                        "split dim (this engine cannot slice it)"
+                    )
         for layer, _, _ in list(region.columns.values()) + list(
             region.rows.values()
         ):
