@@ -174,8 +174,15 @@ def _from_builder(name, source, build, kind) -> ModelSpec:
     )
 
 
+def _input_struct(model):
+    # Not `a or b`: a single-input model's structure is one KerasTensor,
+    # which has no truth value.
+    struct = getattr(model, "_inputs_struct", None)
+    return model.inputs if struct is None else struct
+
+
 def _input_names(model) -> list[str]:
-    inputs = getattr(model, "_inputs_struct", None) or model.inputs
+    inputs = _input_struct(model)
     if isinstance(inputs, dict):
         return list(inputs)
     return []
@@ -183,7 +190,7 @@ def _input_names(model) -> list[str]:
 
 def _inputs_like(model, vocab: int):
     """A maker of random inputs matching `model.inputs`."""
-    struct = getattr(model, "_inputs_struct", None) or model.inputs
+    struct = _input_struct(model)
 
     def one(t, batch, seq, rng, name=""):
         shape = [batch] + [d if d is not None else seq for d in t.shape[1:]]
