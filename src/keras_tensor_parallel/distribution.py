@@ -45,7 +45,11 @@ class AutoTPDistribution(Distribution):
             world_size=plan.world_size, device_ids=device_ids
         )
         mesh = engine.make_mesh(ids)
-        super().__init__(mesh, batch_dim_name=DATA_AXIS)
+        # The data axis has size 1: every process feeds the same full batch
+        # (replicated over the model axis), so there is nothing to shard.
+        super().__init__(
+            mesh, batch_dim_name=DATA_AXIS, auto_shard_dataset=False
+        )
         self._plan = plan
         self._by_path = {e.path: e for e in plan}
 

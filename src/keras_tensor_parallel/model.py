@@ -164,7 +164,8 @@ class TensorParallelKeras(keras.Model):
     # Weights and saving: full, unsharded, logical shapes --------------------
 
     def get_weights(self):
-        return [np.asarray(v) for v in self.weights]
+        to_numpy = getattr(self._tp_engine, "to_numpy", np.asarray)
+        return [to_numpy(v) for v in self.weights]
 
     def set_weights(self, weights):
         variables = self.weights

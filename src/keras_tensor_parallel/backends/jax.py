@@ -55,10 +55,10 @@ class _PaddedMixin:
         return tuple(slice(0, n) for n in self._tp_logical_shape)
 
     def numpy(self):
-        return np.asarray(self.value)[self._tp_slices()]
+        return host_value(self.value)[self._tp_slices()]
 
     def __array__(self, dtype=None):
-        out = np.asarray(self.value)[self._tp_slices()]
+        out = host_value(self.value)[self._tp_slices()]
         return out.astype(dtype) if dtype is not None else out
 
     def assign(self, value):
@@ -89,9 +89,22 @@ def logical_shape(variable) -> tuple:
     return tuple(getattr(variable, "_tp_logical_shape", variable.shape))
 
 
+def host_value(array) -> np.ndarray:
+    """The full value as numpy, gathered from every process when the
+    array spans devices of other processes (a collective: call it on all
+    processes)."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def logical_value(variable) -> np.ndarray:
     """The full, unsharded, unpadded value as numpy."""
-    return np.asarray(variable)
+    if isinstance(variable, _PaddedMixin):
+        return variable.numpy()
+    return host_value(variable.value)
 
 
 # Re-sharding -----------------------------------------------------------------
@@ -113,7 +126,7 @@ def reshard(variable, axes, mesh, padded_shape=None) -> None:
 
 def unshard(variable) -> None:
     """Undo `reshard`: one device, logical shape (used to roll back)."""
-    value = np.asarray(variable)
+    value = logical_value(variable)
     if isinstance(variable, _PaddedMixin):
         variable.__class__ = type(variable).__mro__[2]
         variable._shape = tuple(value.shape)
@@ -351,6 +364,10 @@ class JaxEngine:
 
     def scope(self):
         return self.distribution.scope()
+
+    def to_numpy(self, variable) -> np.ndarray:
+        """The variable's full logical value, gathered across processes."""
+        return logical_value(variable)
 
     def prepare_state(self, tp_model) -> None:
         """Put optimizer and metric variables created so far on the mesh."""
