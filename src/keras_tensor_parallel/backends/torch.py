@@ -334,13 +334,22 @@ def _vocab_call(layer, rank_: int, size: int):
 
 
 def _reverse(layer, inputs, sizes, rank_):
-    if not getattr(layer, "tie_weights", True):
-        raise ValueError(
-            f"Vocab-parallel untied reverse head is not supported "
-            f"({layer.path}). Received: tie_weights=False"
-        )
+    """Local logits for this rank's vocab rows, then gathered along vocab.
+
+    Tied: the transposed local table. Untied: `reverse_embeddings`
+    (hidden, vocab), split on its vocab dim with its own shard sizes.
+    """
     x = f(inputs)
-    logits = keras.ops.matmul(x, keras.ops.transpose(layer.embeddings))
+    if getattr(layer, "tie_weights", True):
+        kernel = keras.ops.transpose(layer.embeddings)
+    else:
+        kernel = layer.reverse_embeddings
+        sizes = kernel._tp_sizes
+    reverse_dtype = getattr(layer, "reverse_dtype", None)
+    if reverse_dtype is not None:
+        x = keras.ops.cast(x, reverse_dtype)
+        kernel = keras.ops.cast(kernel, reverse_dtype)
+    logits = keras.ops.matmul(x, kernel)
     logits = _GatherLast.apply(logits, list(sizes), rank_)
     cap = getattr(layer, "logit_soft_cap", None)
     if cap is not None:
