@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from keras.src.backend.jax.trainer import _distribute_data  # noqa: E402
 
 from keras_tensor_parallel import TensorParallelKeras, comms, zoo  # noqa: E402
+from keras_tensor_parallel.backends.jax import per_device_bytes  # noqa: E402
 from keras_tensor_parallel.verify import causal_lm  # noqa: E402
 
 CONFIGS = {
@@ -158,12 +159,8 @@ class Variant:
 
 def _max_device_bytes(state) -> int:
     """Largest per-device total over the arrays' addressable shards."""
-    per: dict = {}
-    for arrays in state:
-        for a in arrays:
-            for s in a.addressable_shards:
-                per[s.device] = per.get(s.device, 0) + s.data.nbytes
-    return max(per.values())
+    arrays = [a for group in state for a in group]
+    return max(per_device_bytes(arrays).values())
 
 
 def _hub_variant(cfg, n, weights):

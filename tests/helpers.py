@@ -42,11 +42,9 @@ def split_dim_shards_ok(tp, n: int) -> list[str]:
 
 
 def per_device_param_bytes(tp) -> dict:
-    out: dict = {}
-    for v in tp.wrapped_model.variables:
-        for shard in v.value.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-    return out
+    from keras_tensor_parallel.backends.jax import per_device_bytes
+
+    return per_device_bytes(tp.wrapped_model.variables)
 
 
 def forward_hlo(tp, inputs) -> str:

@@ -7,7 +7,6 @@ allocation; inputs are replicated across the model axis.
 
 from __future__ import annotations
 
-import keras
 from keras.distribution import TensorLayout
 from keras.src.distribution.distribution_lib import Distribution
 
@@ -89,7 +88,3 @@ class AutoTPDistribution(Distribution):
             f"<AutoTPDistribution world_size={self._plan.world_size} "
             f"mesh={self.device_mesh.shape}>"
         )
-
-
-def current() -> Distribution | None:
-    return keras.distribution.distribution()

@@ -309,22 +309,15 @@ def shard_shapes(variable) -> list[tuple]:
     return [tuple(s.data.shape) for s in variable.value.addressable_shards]
 
 
-def per_device_bytes(variables) -> dict:
-    """Bytes held per device by `variables` (from the actual shards)."""
+def per_device_bytes(values) -> dict:
+    """Bytes held per device by `values` (variables or jax arrays), read
+    from the actual shards."""
     out: dict = {}
-    for v in variables:
-        for shard in v.value.addressable_shards:
+    for v in values:
+        for shard in getattr(v, "value", v).addressable_shards:
             key = str(shard.device)
             out[key] = out.get(key, 0) + shard.data.nbytes
     return out
-
-
-def distribute_input(x, mesh):
-    """Replicate an input array across the mesh."""
-    sharding = jax.sharding.NamedSharding(
-        mesh.backend_mesh, jax.sharding.PartitionSpec()
-    )
-    return jax.device_put(x, sharding)
 
 
 # Engine ----------------------------------------------------------------------
