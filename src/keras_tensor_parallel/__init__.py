@@ -1,14 +1,9 @@
 """keras-tensor-parallel: automatic Megatron-style tensor parallelism for
 any Keras 3 model."""
 
-from keras_tensor_parallel.plan import (
-    Role,
-    ShardingPlan,
-    VariablePlan,
-    plan_model,
-)
-
 __version__ = "0.1.0"
+
+_PLAN_NAMES = ("Role", "ShardingPlan", "VariablePlan", "plan_model")
 
 __all__ = [
     "AutoTPDistribution",
@@ -39,4 +34,10 @@ def __getattr__(name):
         from keras_tensor_parallel.distribution import AutoTPDistribution
 
         return AutoTPDistribution
+    if name in _PLAN_NAMES:
+        # Lazy too: `keras-tp` sets KERAS_BACKEND and quiets TensorFlow's
+        # start-up logs before anything imports keras.
+        from keras_tensor_parallel import plan
+
+        return getattr(plan, name)
     raise AttributeError(name)
