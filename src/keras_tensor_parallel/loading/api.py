@@ -1,0 +1,131 @@
+"""Plan and load models larger than one device.
+
+    source ──build unallocated──▶ plan ──place each value as shards──▶ wrap
+
+`TensorParallelKeras.from_preset` and `TensorParallelKeras.build` call
+`load`; `plan_model` accepts the same sources through `plan_source`.
+"""
+
+from __future__ import annotations
+
+from keras_tensor_parallel import devices as devices_lib
+from keras_tensor_parallel.loading import place as place_lib
+from keras_tensor_parallel.loading import sources
+
+
+def resolve(source, *, model_class=None, weights=None) -> sources.Source:
+    """A `Source` for a preset path or a builder function."""
+    if callable(source) and not isinstance(source, (str, bytes)):
+        if model_class is not None:
+            raise ValueError(
+                "model_class applies to presets only. Received: "
+                f"model_class={model_class!r} with a builder function"
+            )
+        return sources.builder(source, weights)
+    if weights is not None:
+        raise ValueError(
+            "weights applies to builder functions; a preset carries its own. "
+            f"Received: weights={weights!r}"
+        )
+    return sources.preset(source, model_class)
+
+
+def plan_source(
+    source,
+    world_size: int,
+    *,
+    model_class=None,
+    overrides: dict | None = None,
+    slice_operands: bool = True,
+):
+    """Plan a preset or builder without allocating a single weight.
+
+    Args:
+        source: A preset directory or a function that builds the model.
+        world_size: Number of devices to plan for.
+        model_class: For presets: the KerasHub class to build (default: the
+            task saved in the preset, else its backbone).
+        overrides: As for `plan_model`.
+        slice_operands: As for `plan_model`.
+
+    Returns:
+        The `ShardingPlan`.
+
+    Example:
+
+    ```python
+    plan = plan_source("llama3_70b_config_only/", 8)
+    print(plan.table())
+    ```
+    """
+    from keras_tensor_parallel.plan import plan_model
+
+    model = resolve(source, model_class=model_class).model
+    return plan_model(
+        model, world_size, overrides=overrides, slice_operands=slice_operands
+    )
+
+
+def load(
+    source,
+    *,
+    wrapper,
+    model_class=None,
+    weights=None,
+    world_size: int | None = None,
+    device_ids=None,
+    distributed_backend: str = "auto",
+    overrides: dict | None = None,
+    plan=None,
+    **kwargs,
+):
+    """Build `source` straight into shards and wrap it in `wrapper`.
+
+    Every variable is created with its plan's layout and its saved value is
+    read shard by shard: no device holds a whole split variable.
+
+    Returns:
+        A `wrapper` instance (`TensorParallelKeras`).
+    """
+    backend = devices_lib.validate_backend(distributed_backend)
+    if backend != "jax":
+        raise ValueError(
+            "Loading straight into shards is implemented for the JAX engine "
+            "only; on torch build the model, then wrap it. Received: "
+            f"distributed_backend={distributed_backend!r}"
+        )
+    ids = devices_lib.resolve_devices(
+        world_size=world_size, device_ids=device_ids
+    )
+    src = resolve(source, model_class=model_class, weights=weights)
+    if plan is None:
+        from keras_tensor_parallel.plan import plan_model
+
+        plan = plan_model(src.model, len(ids), overrides=overrides)
+    from keras_tensor_parallel.distribution import AutoTPDistribution
+
+    distribution = AutoTPDistribution(plan, device_ids=ids)
+    opened = sources.open_parts(src, src.created)  # checks before reading
+    try:
+        for reader, names in opened:
+            chosen = [v for v in src.created if id(v) in names]
+            place_lib.place(chosen, distribution, weights=reader, names=names)
+        rest = [v for v in src.created if v._value is None]
+        place_lib.place(rest, distribution)
+        tp = wrapper(
+            src.model,
+            len(ids),
+            device_ids=ids,
+            distributed_backend=backend,
+            plan=plan,
+            **kwargs,
+        )
+    except Exception:
+        place_lib.unplace(src.created)
+        raise
+    finally:
+        for reader, _ in opened:
+            reader.close()
+    if src.compile_task:
+        src.model.compile()  # KerasHub tasks come compiled by default
+    return tp
