@@ -41,10 +41,6 @@ class OpNode:
     opaque_reason: str = ""
 
     @property
-    def is_layer(self) -> bool:
-        return isinstance(self.op, keras.layers.Layer)
-
-    @property
     def type_name(self) -> str:
         return type(self.op).__name__
 

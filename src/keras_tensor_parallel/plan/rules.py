@@ -21,6 +21,8 @@ import string
 
 import keras
 
+from keras_tensor_parallel.plan import layers
+
 _RULES: dict[type, object] = {}
 
 
@@ -45,6 +47,23 @@ def rule_for(layer):
 
 def has_rule(layer) -> bool:
     return any(cls in _RULES for cls in type(layer).__mro__)
+
+
+def is_projection(layer) -> bool:
+    """Whether the planner reads `layer` as a projection it can split.
+
+    The one answer to "is this a projection": a layer whose rule is a
+    `LinearRule` (Dense, EinsumDense, Conv). Engines ask this, not class
+    names.
+
+    Example:
+
+    ```python
+    is_projection(keras.layers.Dense(4))  # True
+    is_projection(keras.layers.LayerNormalization())  # False
+    ```
+    """
+    return isinstance(rule_for(layer), LinearRule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,18 +225,9 @@ def _norm_reason(layer) -> str:
     )
 
 
-@rule(
-    keras.layers.LayerNormalization,
-    keras.layers.BatchNormalization,
-    keras.layers.GroupNormalization,
-    keras.layers.UnitNormalization,
-)
+@rule(*layers.NORM_CLASSES)
 def _norm(layer):
     return ReplicatedRule(_norm_reason(layer))
-
-
-if hasattr(keras.layers, "RMSNormalization"):
-    rule(keras.layers.RMSNormalization)(_norm)
 
 
 def _register_keras_hub() -> None:
@@ -248,30 +258,6 @@ def _register_keras_hub() -> None:
         return ReplicatedRule(
             "position table: indexed by position, not by token: replicated"
         )
-
-    _register_keras_hub_norms()
-
-
-def _register_keras_hub_norms() -> None:
-    import importlib
-
-    candidates = [
-        ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm"),
-        ("keras_hub.src.models.gemma.rms_normalization", "RMSNormalization"),
-        (
-            "keras_hub.src.models.mistral.mistral_layer_norm",
-            "MistralLayerNormalization",
-        ),
-        ("keras_hub.src.models.qwen.qwen_layernorm", "QwenLayerNorm"),
-        ("keras_hub.src.models.gemma3.gemma3_layers", "RMSNormalization"),
-        ("keras_hub.src.models.t5.t5_layer_norm", "T5LayerNorm"),
-    ]
-    for module, name in candidates:
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        rule(cls)(_norm)
 
 
 _register_keras_hub()

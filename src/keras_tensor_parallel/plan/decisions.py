@@ -1,0 +1,250 @@
+"""Turn embeddings and regions into one decision, with a reason, per
+variable.
+
+Embedding tables are split on their vocab rows; every projection is tried
+as the column of a region (`regions.py`), split labels in order; a
+committed region fixes the role of its columns, rows and their biases.
+What no region claims is replicated, and the reason says why.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_tensor_parallel.plan import graph as graph_lib
+from keras_tensor_parallel.plan import propagate as prop
+from keras_tensor_parallel.plan import rules
+from keras_tensor_parallel.plan.plan import MODEL_AXIS, Role, VariablePlan
+from keras_tensor_parallel.plan.projections import find_projections
+from keras_tensor_parallel.plan.regions import RegionGrower
+
+ROW_BIAS_REASON = (
+    "row-parallel bias: replicated, added once after the all-reduce"
+)
+MIN_VOCAB_ROWS = 128
+RNG_REASON = "RNG state: replicated so every device draws the same numbers"
+
+
+class Planner:
+    """Decides every variable of one model.
+
+    Args:
+        model: The built model.
+        graph: Its traced `ModelGraph`.
+        world_size: Devices on the model axis.
+        slice_operands: See `plan_model`.
+    """
+
+    def __init__(self, model, graph, world_size, *, slice_operands=True):
+        self.model = model
+        self.graph = graph
+        self.n = world_size
+        # id(var) -> (axes, role, reason[, padded shape])
+        self.decided: dict[int, tuple] = {}
+        self.proj_reason: dict[int, str] = {}  # id(projection) -> reason
+        self.split_tensors: set[int] = set()  # split by committed regions
+        self.rules: dict[int, object] = {}
+        self.owner: dict[int, keras.layers.Layer] = {}
+        for layer in model._flatten_layers(include_self=True):
+            for v in (
+                layer._trainable_variables + layer._non_trainable_variables
+            ):
+                self.owner[id(v)] = layer
+            if rules.has_rule(layer):
+                self.rules[id(layer)] = rules.rule_for(layer)
+        self.projections = find_projections(graph, self.rules)
+        self.proj_of_layer = {id(p.layer): p for p in self.projections.values()}
+        self.grower = RegionGrower(
+            graph,
+            world_size,
+            self.projections,
+            self.rules,
+            self.decided,
+            self.split_tensors,
+            slice_operands=slice_operands,
+        )
+        self.opaque_ancestor: dict[int, tuple] = {}
+        for node in graph.opaque_nodes():
+            for inner in node.op._flatten_layers(include_self=True):
+                self.opaque_ancestor.setdefault(
+                    id(inner), (node.op, node.opaque_reason)
+                )
+
+    def run(self) -> list[VariablePlan]:
+        """One `VariablePlan` per model variable, in model order."""
+        for r in self.rules.values():
+            if isinstance(r, rules.EmbeddingRule):
+                self._plan_embedding(r)
+        for node in self.graph.nodes:
+            proj = self.projections.get(node.index)
+            if proj is not None and id(proj.kernel) not in self.decided:
+                self._try_regions(proj)
+        return [self._entry(v) for v in self.model.variables]
+
+    # Embeddings -------------------------------------------------------------
+
+    def _plan_embedding(self, r: rules.EmbeddingRule) -> None:
+        vocab = r.vocab_size
+        if vocab < max(MIN_VOCAB_ROWS, self.n):
+            for table in r.tables:
+                self._replicate(
+                    table,
+                    f"table of {vocab} rows is too small to split (< "
+                    f"{max(MIN_VOCAB_ROWS, self.n)}): replicated",
+                )
+            return
+        for table, dim in zip(r.tables, r.vocab_dims):
+            axes = [None] * len(table.shape)
+            axes[dim] = MODEL_AXIS
+            reason = f"vocab-parallel: {vocab} rows split, masked local lookup"
+            padded = None
+            if vocab % self.n:
+                size = -(-vocab // self.n) * self.n
+                padded = list(table.shape)
+                padded[dim] = size
+                padded = tuple(padded)
+                reason = (
+                    f"vocab {vocab} not divisible by {self.n}: padded to "
+                    f"{size} internally, padding masked"
+                )
+            self.decided[id(table)] = (tuple(axes), Role.VOCAB, reason, padded)
+
+    # Regions ----------------------------------------------------------------
+
+    def _try_regions(self, proj) -> None:
+        labels = proj.rule.column_labels()
+        if not labels:
+            self.proj_reason[id(proj)] = (
+                f"{type(proj.layer).__name__} has no output-only dim to split"
+            )
+            return
+        reasons = []
+        for label in labels:
+            size = proj.rule.label_size(label)
+            if size % self.n:
+                reasons.append(
+                    f"output dim {size} not divisible by world size {self.n}"
+                )
+                continue
+            for recruit in (True, False):
+                try:
+                    region = self.grower.grow(proj, label, recruit)
+                except prop.Conflict as e:
+                    reasons.append(str(e))
+                    continue
+                self._commit(region)
+                return
+        self.proj_reason[id(proj)] = "not split: " + _dedupe(reasons)
+
+    def _commit(self, region) -> None:
+        self.split_tensors.update(region.split)
+        row_names = ", ".join(sorted(p.name for p, _ in region.rows.values()))
+        col_names = ", ".join(
+            sorted(p.name for p, _ in region.columns.values())
+        )
+        for proj, label in region.columns.values():
+            self._commit_column(proj.rule, label, row_names)
+        for proj, label in region.rows.values():
+            r = proj.rule
+            reason = (
+                f"row-parallel: {r.label_size(label)} input features split "
+                f"(from {col_names}); output all-reduced"
+            )
+            self._decide(r.kernel, r.kernel_spec, label, Role.ROW, reason)
+            if r.bias is not None:
+                self._replicate(r.bias, ROW_BIAS_REASON)
+
+    def _commit_column(self, r, label, row_names) -> None:
+        size = r.label_size(label)
+        out_only = r.column_labels()
+        heads = out_only.index(label) < len(out_only) - 1
+        role = Role.HEADS if heads else Role.COLUMN
+        reason = (
+            f"heads: {size} heads split, attention stays per head; "
+            f"row: {row_names}"
+            if heads
+            else f"column-parallel: {size} output features split; "
+            f"row: {row_names}"
+        )
+        self._decide(r.kernel, r.kernel_spec, label, role, reason)
+        if r.bias is not None:
+            if label in r.bias_spec:
+                self._decide(r.bias, r.bias_spec, label, role, reason)
+            else:
+                self._replicate(r.bias, "bias over unsplit dims")
+
+    def _decide(self, var, spec, label, role, reason) -> None:
+        axes = [None] * len(var.shape)
+        axes[spec.index(label)] = MODEL_AXIS
+        self.decided[id(var)] = (tuple(axes), role, reason)
+
+    def _replicate(self, var, reason) -> None:
+        self.decided[id(var)] = (
+            (None,) * len(var.shape),
+            Role.REPLICATED,
+            reason,
+        )
+
+    # Entries ----------------------------------------------------------------
+
+    def _entry(self, v) -> VariablePlan:
+        layer = self.owner.get(id(v))
+        decided = self.decided.get(id(v))
+        if decided is not None:
+            axes, role, reason = decided[:3]
+            padded = decided[3] if len(decided) > 3 else None
+        else:
+            axes, role = (None,) * len(v.shape), Role.REPLICATED
+            reason, padded = self._replicated_reason(v, layer), None
+        return VariablePlan(
+            path=v.path,
+            shape=tuple(v.shape),
+            dtype=keras.backend.standardize_dtype(v.dtype),
+            axes=axes,
+            role=role,
+            reason=reason,
+            layer=getattr(layer, "path", "") or "",
+            padded_shape=padded,
+        )
+
+    def _replicated_reason(self, v, layer) -> str:
+        if layer is None:
+            if "seed_generator" in v.path:
+                return RNG_REASON
+            return "not owned by a layer: replicated"
+        if id(layer) in self.opaque_ancestor:
+            return _opaque_reason(*self.opaque_ancestor[id(layer)])
+        r = self.rules.get(id(layer))
+        if isinstance(r, rules.ReplicatedRule):
+            return r.reason
+        if isinstance(r, rules.LinearRule):
+            proj = self.proj_of_layer.get(id(layer))
+            if proj is None:
+                return "layer is never called in the forward pass: replicated"
+            if id(proj) in self.proj_reason:
+                return self.proj_reason[id(proj)]
+            return "not reached by a split region: replicated"
+        if not v.trainable:
+            return "non-trainable state: replicated"
+        return f"{type(layer).__name__} has no split rule: replicated"
+
+
+def _opaque_reason(outer, why) -> str:
+    if why == graph_lib.WEIGHTS_ONLY:
+        return (
+            f"inside {type(outer).__name__} {outer.name!r}, whose "
+            "output is computed from its own weights alone (no "
+            "input to split along): replicated"
+        )
+    return (
+        f"inside {type(outer).__name__} {outer.name!r}, which could "
+        f"not be traced ({why}): replicated"
+    )
+
+
+def _dedupe(reasons: list[str]) -> str:
+    seen = []
+    for r in reasons:
+        if r not in seen:
+            seen.append(r)
+    return "; ".join(seen[:2])

@@ -1,0 +1,260 @@
+"""Grow one Megatron region through the traced dataflow.
+
+A region starts at a column-parallel projection: its output is split on
+one label. The split travels forward through ops that keep it local
+(`propagate.py`) until projections contract it (row-parallel). Other
+projections that meet the split through a shared op (k and v meeting q in
+attention, the gate meeting the up-projection) are recruited as columns.
+Anything that would need the split gathered raises `Conflict`, and the
+caller tries the next option or replicates, with that reason.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from keras_tensor_parallel.plan import propagate as prop
+
+# How far back a recruit is searched from the op where it meets the split.
+_MAX_RECRUIT_DEPTH = 32
+
+
+class Region:
+    """A candidate region: its columns, rows and split tensors."""
+
+    def __init__(self):
+        # id(projection) -> (projection, label split)
+        self.columns: dict[int, tuple] = {}
+        self.rows: dict[int, tuple] = {}
+        self.split: dict[int, int] = {}  # id(tensor) -> split dim
+        self.queue: collections.deque = collections.deque()
+        # (op name, tensor): unsplit full-size operands meeting the split.
+        self.full_operands: list[tuple] = []
+
+
+class RegionGrower:
+    """Grows regions over one traced graph.
+
+    Args:
+        graph: The `ModelGraph`.
+        world_size: Devices on the model axis.
+        projections: {node index: Projection}.
+        layer_rules: {id(layer): rule} (non-projection rules stop a split).
+        decided: {id(variable): ...} of variables already planned.
+        split_tensors: ids of tensors split by committed regions.
+        slice_operands: Whether an unsplit full-size tensor may meet the
+            split (the engine slices it).
+    """
+
+    def __init__(
+        self,
+        graph,
+        world_size,
+        projections,
+        layer_rules,
+        decided,
+        split_tensors,
+        *,
+        slice_operands=True,
+    ):
+        self.graph = graph
+        self.n = world_size
+        self.proj_at = projections
+        self.rules = layer_rules
+        self.decided = decided
+        self.split_tensors = split_tensors
+        self.slice_operands = slice_operands
+
+    def grow(self, proj, label, recruit: bool) -> Region:
+        """The region started by splitting `proj`'s output on `label`."""
+        region = Region()
+        self._add_column(region, proj, label)
+        while region.queue:
+            t = region.queue.popleft()
+            if id(t) in self.graph.outputs:
+                raise prop.Conflict("split activation reaches the model output")
+            for node_index, _ in self.graph.consumers.get(id(t), []):
+                self._visit(region, self.graph.nodes[node_index], recruit)
+        self._check_complete(region)
+        return region
+
+    def _is_decided(self, proj) -> bool:
+        return id(proj.kernel) in self.decided
+
+    def _add_column(self, region, proj, label) -> None:
+        if not proj.nodes:
+            raise prop.Conflict(f"{proj.name} is never called")
+        if self._is_decided(proj):
+            raise prop.Conflict(f"{proj.name} is already planned")
+        region.columns[id(proj)] = (proj, label)
+        for node in proj.nodes:
+            if any(id(x) in region.split for x in node.inputs):
+                raise prop.Conflict(f"{proj.name} input is already split")
+            out = node.outputs[0]
+            dim = dim_of(proj.rule.output_spec, out, label)
+            self._set_split(region, out, dim)
+
+    def _set_split(self, region, t, dim: int) -> None:
+        if id(t) in region.split:
+            if region.split[id(t)] != dim:
+                raise prop.Conflict("a tensor would be split on two dims")
+            return
+        size = t.shape[dim]
+        if size is None or size % self.n:
+            raise prop.Conflict(
+                f"split dim of size {size} not divisible by {self.n}"
+            )
+        region.split[id(t)] = dim
+        region.queue.append(t)
+
+    def _visit(self, region, node, recruit: bool) -> None:
+        if any(id(x) in self.split_tensors for x in node.inputs):
+            raise prop.Conflict(f"{node.name} is inside another split region")
+        dims = [region.split.get(id(x)) for x in node.inputs]
+        proj = self.proj_at.get(node.index)
+        if proj is not None:
+            self._visit_projection(region, node, proj, dims)
+            return
+        if node.opaque_reason:
+            raise prop.Conflict(f"flows into untraceable {node.name}")
+        if self.rules.get(id(node.op)) is not None and not prop.known(node):
+            raise prop.Conflict(
+                f"flows into {type(node.op).__name__} {node.name}, which "
+                "cannot take a split input"
+            )
+        outs = prop.propagate(node, dims)
+        full = self._full_operands(node, dims, outs, region)
+        region.full_operands += [(node.name, x) for x, _ in full]
+        if recruit:
+            for x, c in full:
+                self._recruit_producer(region, x, c, depth=0)
+        for t, d in zip(node.outputs, outs):
+            if d is not None:
+                self._set_split(region, t, d)
+
+    def _visit_projection(self, region, node, proj, dims) -> None:
+        if any(d is not None for d in dims[1:]):
+            raise prop.Conflict(f"{node.name}: split tensor as extra input")
+        r = proj.rule
+        x, d = node.inputs[0], dims[0]
+        label = label_at(r.input_spec, x, d)
+        if label in r.contracted_labels():
+            self._add_row(region, proj, label)
+            return
+        if label is None or (
+            label in r.output_spec and label not in r.kernel_spec
+        ):
+            out = node.outputs[0]
+            dim = (
+                len(out.shape) - len(x.shape) + d
+                if label is None
+                else dim_of(r.output_spec, out, label)
+            )
+            self._set_split(region, out, dim)
+            return
+        raise prop.Conflict(f"{proj.name} kernel would need the split dim")
+
+    def _add_row(self, region, proj, label) -> None:
+        if self._is_decided(proj):
+            raise prop.Conflict(f"{proj.name} is already planned")
+        if id(proj) in region.columns:
+            raise prop.Conflict(f"{proj.name} would be column and row")
+        if proj.rule.label_size(label) % self.n:
+            raise prop.Conflict(f"{proj.name} contracted dim indivisible")
+        prev = region.rows.get(id(proj))
+        if prev is not None and prev[1] != label:
+            raise prop.Conflict(f"{proj.name} split two ways")
+        region.rows[id(proj)] = (proj, label)
+
+    def _full_operands(self, node, dims, outs, region) -> list[tuple]:
+        """(tensor, dim) of unsplit operands whose full-size dim lines up
+        with the split output: each device needs only its slice of them."""
+        if len(node.inputs) < 2 or all(d is None for d in outs):
+            return []
+        found = []
+        for i, x in enumerate(node.inputs):
+            if dims[i] is not None or id(x) in region.split:
+                continue
+            c = self._lining_up_dim(node, i, lambda out: out == outs)
+            if c is not None:
+                found.append((x, c))
+        return found
+
+    def _lining_up_dim(self, node, i, accept) -> int | None:
+        """The first dim of input `i` that, split alone, gives outputs
+        `accept` approves (an op that ignores the operand, like an
+        attention mask, never does)."""
+        x = node.inputs[i]
+        for c in range(len(x.shape)):
+            if x.shape[c] in (None, 1):
+                continue
+            trial = [None] * len(node.inputs)
+            trial[i] = c
+            try:
+                if accept(prop.propagate(node, trial)):
+                    return c
+            except prop.Conflict:
+                continue
+        return None
+
+    def _recruit_producer(self, region, t, dim, depth) -> None:
+        """Walk back from `t` (needed split on `dim`) to column candidates."""
+        if depth > _MAX_RECRUIT_DEPTH or id(t) not in self.graph.producer:
+            return
+        node = self.graph.nodes[self.graph.producer[id(t)]]
+        proj = self.proj_at.get(node.index)
+        if proj is not None:
+            self._recruit(region, proj, t, dim)
+            return
+        if self.rules.get(id(node.op)) is not None or node.opaque_reason:
+            return
+        for i, src in enumerate(node.inputs):
+            if id(src) in region.split:
+                continue
+            c = self._lining_up_dim(node, i, lambda out: out[0] == dim)
+            if c is not None:
+                self._recruit_producer(region, src, c, depth + 1)
+
+    def _recruit(self, region, proj, t, dim) -> None:
+        if id(proj) in region.columns or id(proj) in region.rows:
+            return
+        if self._is_decided(proj):
+            return
+        r = proj.rule
+        label = label_at(r.output_spec, t, dim)
+        if label not in r.column_labels() or r.label_size(label) % self.n:
+            return
+        # Every call of the recruit splits its output (a layer called
+        # twice, like DeBERTa's key on hidden and position states), so
+        # none of its calls may read a tensor the region splits.
+        if any(id(x) in region.split for c in proj.nodes for x in c.inputs):
+            return
+        self._add_column(region, proj, label)
+
+    def _check_complete(self, region) -> None:
+        if not region.rows:
+            raise prop.Conflict("no row-parallel consumer")
+        if not self.slice_operands:
+            for name, x in region.full_operands:
+                if id(x) not in region.split:
+                    raise prop.Conflict(
+                        f"{name}: an unsplit full-size tensor meets the "
+                        "split dim (this engine cannot slice it)"
+                    )
+        for proj, _ in region.rows.values():
+            for node in proj.nodes:
+                if id(node.inputs[0]) not in region.split:
+                    raise prop.Conflict(
+                        f"{proj.name} is also called on an unsplit input"
+                    )
+
+
+def dim_of(spec: str, t, label: str) -> int:
+    """Tensor dim of `label` in right-aligned `spec` for tensor `t`."""
+    return len(t.shape) - len(spec) + spec.index(label)
+
+
+def label_at(spec: str, t, dim: int) -> str | None:
+    """Label at tensor dim `dim` (None for leading pass-through dims)."""
+    offset = len(t.shape) - len(spec)
+    return spec[dim - offset] if dim >= offset else None
