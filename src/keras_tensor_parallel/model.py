@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 
 from keras_tensor_parallel import devices as devices_lib
+from keras_tensor_parallel.backends import base
+from keras_tensor_parallel.backends.base import make_engine  # noqa: F401
 from keras_tensor_parallel.plan import ShardingPlan, plan_model
 from keras_tensor_parallel.plan.planner import check_built
-
-
-def make_engine(backend: str, plan: ShardingPlan, device_ids: list[str]):
-    """The engine object for `backend` (`"jax"` or `"torch"`)."""
-    if backend == "jax":
-        from keras_tensor_parallel.backends.jax import JaxEngine
-
-        return JaxEngine(plan, device_ids)
-    from keras_tensor_parallel.backends.torch import TorchEngine
-
-    return TorchEngine(plan, device_ids)
 
 
 class TensorParallelKeras(keras.Model):
@@ -26,16 +19,18 @@ class TensorParallelKeras(keras.Model):
 
     The wrapped model's variables are re-sharded in place (each device keeps
     only its shard); `compile`, `fit`, `evaluate`, `predict`, `save` and
-    `get_weights` behave as on the original model.
+    `get_weights` behave as on the original model. Wrapping is all or
+    nothing: an error or Ctrl-C while wrapping leaves the model as it was.
 
     Args:
         model: A built Keras model.
         world_size: Number of devices; defaults to all available (or to
             `len(device_ids)`).
-        device_ids: Device ids as `keras.distribution.list_devices()` returns
-            them (`"cpu:0"`, `"gpu:1"`).
-        distributed_backend: `"auto"` (the Keras backend), `"jax"` or
-            `"torch"`.
+        device_ids: Device ids as `keras.distribution.list_devices()`
+            returns them (`"cpu:0"`, `"gpu:1"`).
+        distributed_backend: `"auto"` (the Keras backend), `"jax"`,
+            `"torch"` (or `"pytorch"`), or `"nccl"` (the Keras backend's
+            engine on GPUs).
         overrides: Ordered `{regex: axes or role}` applied on top of the
             automatic plan (see `plan_model`).
         plan: A ready `ShardingPlan` to use instead of planning.
@@ -68,8 +63,10 @@ class TensorParallelKeras(keras.Model):
                 f"Model {model.name!r} is already tensor-parallel; wrap the "
                 "original model once. Received: an already wrapped model"
             )
+        _check_overrides(overrides)
+        _check_plan(plan)
         ids = devices_lib.resolve_devices(
-            world_size=world_size, device_ids=device_ids
+            world_size=world_size, device_ids=device_ids, backend=backend
         )
         if plan is None:
             # XLA slices unsplit operands that meet a split dim; the torch
@@ -89,12 +86,28 @@ class TensorParallelKeras(keras.Model):
         engine = make_engine(backend, plan, ids)
         name = kwargs.pop("name", f"tensor_parallel_{model.name}")
         super().__init__(name=name, **kwargs)
-        engine.apply(model)  # the only step that changes `model`
-        model._tp_wrapped = True
-        self._tp_model = model
-        self._tp_plan = plan
-        self._tp_engine = engine
+        self._tp_wrap(model, engine, plan)
         self.built = True
+
+    def _tp_wrap(self, model, engine: base.Engine, plan: ShardingPlan):
+        """The only step that changes `model`: all or nothing, Ctrl-C
+        included (held until a point where every step can be undone)."""
+        interrupt = base.DeferredInterrupt()
+        applied = False
+        with interrupt:
+            try:
+                engine.apply(model, checkpoint=interrupt.checkpoint)
+                applied = True
+                model._tp_wrapped = True
+                self._tp_model = model
+                self._tp_plan = plan
+                self._tp_engine = engine
+                interrupt.release()
+            except BaseException:
+                model.__dict__.pop("_tp_wrapped", None)
+                if applied:
+                    engine.unapply(model)
+                raise
 
     # Introspection ------------------------------------------------------------
 
@@ -109,7 +122,8 @@ class TensorParallelKeras(keras.Model):
         return self._tp_model
 
     @property
-    def engine(self):
+    def engine(self) -> base.Engine:
+        """The engine running the plan (see `backends.base.Engine`)."""
         return self._tp_engine
 
     @property
@@ -122,8 +136,33 @@ class TensorParallelKeras(keras.Model):
 
     @property
     def distribution(self):
-        """The plan as a `keras.distribution.Distribution` (JAX)."""
-        return getattr(self._tp_engine, "distribution", None)
+        """The plan as a `keras.distribution.Distribution` (JAX; None on
+        engines without one)."""
+        return self._tp_engine.distribution
+
+    @property
+    def inputs(self):
+        return self._tp_model.inputs
+
+    @property
+    def outputs(self):
+        return self._tp_model.outputs
+
+    @property
+    def input_shape(self):
+        return self._tp_model.input_shape
+
+    @property
+    def output_shape(self):
+        return self._tp_model.output_shape
+
+    def get_layer(self, name=None, index=None):
+        """A layer of the wrapped model (`keras.Model.get_layer`)."""
+        return self._tp_model.get_layer(name=name, index=index)
+
+    def count_params(self) -> int:
+        """Parameters at their real sizes (no vocab padding)."""
+        return sum(math.prod(e.shape) for e in self._tp_plan)
 
     # Forward ----------------------------------------------------------------
 
@@ -164,8 +203,7 @@ class TensorParallelKeras(keras.Model):
     # Weights and saving: full, unsharded, logical shapes --------------------
 
     def get_weights(self):
-        to_numpy = getattr(self._tp_engine, "to_numpy", np.asarray)
-        return [to_numpy(v) for v in self.weights]
+        return [self._tp_engine.to_numpy(v) for v in self.weights]
 
     def set_weights(self, weights):
         variables = self.weights
@@ -189,14 +227,17 @@ class TensorParallelKeras(keras.Model):
 
     def save(self, filepath, *args, **kwargs):
         """Save the original model (full weights): loads on one device
-        without this library."""
-        save = getattr(self._tp_engine, "save_model", None)
-        if save is not None:  # torch: all ranks gather, rank 0 writes
-            return save(self._tp_model, filepath, *args, **kwargs)
-        return self._tp_model.save(filepath, *args, **kwargs)
+        without this library. Written to a temporary file and renamed into
+        place, so an existing file is replaced only by a complete one."""
+        kwargs.update(zip(("overwrite", "zipped"), args))
+        self._tp_engine.save(self._tp_model, filepath, **kwargs)
 
     def save_weights(self, filepath, *args, **kwargs):
-        return self._tp_model.save_weights(filepath, *args, **kwargs)
+        """Full weights, written atomically (as `save`)."""
+        kwargs.update(zip(("overwrite",), args))
+        self._tp_engine.save(
+            self._tp_model, filepath, weights_only=True, **kwargs
+        )
 
     def load_weights(self, filepath, *args, **kwargs):
         return self._tp_model.load_weights(filepath, *args, **kwargs)
@@ -212,4 +253,24 @@ class TensorParallelKeras(keras.Model):
             "TensorParallelKeras is not serialized itself: `save()` writes "
             "the original model, which loads on one device; wrap it again "
             "after loading."
+        )
+
+
+def _check_overrides(overrides) -> None:
+    if overrides is None or not isinstance(overrides, dict):
+        return  # plan_model names a non-dict
+    bad = [k for k in overrides if not isinstance(k, str)]
+    if bad:
+        raise ValueError(
+            "overrides keys must be regular expressions (strings) matched "
+            f"against variable paths. Received: overrides key {bad[0]!r}"
+        )
+
+
+def _check_plan(plan) -> None:
+    if plan is not None and not isinstance(plan, ShardingPlan):
+        raise ValueError(
+            "plan must be a ShardingPlan (from `plan_model` or "
+            "`ShardingPlan.from_json`) or None to plan automatically. "
+            f"Received: plan={plan!r:.80}"
         )

@@ -10,36 +10,38 @@ never looked up, and sliced off the logits), while `numpy()`, `assign()`,
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable
+
 import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
-from keras.distribution import DeviceMesh, TensorLayout
+from keras.distribution import TensorLayout
 
-from keras_tensor_parallel.plan import DATA_AXIS, MODEL_AXIS, ShardingPlan
+from keras_tensor_parallel.backends import base
+from keras_tensor_parallel.backends.jax_distribution import (
+    AutoTPDistribution,
+    make_mesh,
+)
+from keras_tensor_parallel.plan import ShardingPlan
+from keras_tensor_parallel.plan.rules import LinearRule, rule_for
 
 BACKEND = "jax"
 
+__all__ = ["JaxEngine", "available_devices", "make_mesh"]
 
-def list_devices() -> list[str]:
+
+def available_devices() -> list[str]:
     """Device ids, accelerators first when present (`"gpu:0"`, `"cpu:3"`)."""
     return keras.distribution.list_devices()
 
 
-def make_mesh(devices: list[str]) -> DeviceMesh:
-    """A `(data=1, model=N)` mesh over the given device ids."""
-    return DeviceMesh(
-        shape=(1, len(devices)),
-        axis_names=(DATA_AXIS, MODEL_AXIS),
-        devices=devices,
-    )
-
-
-def layout(axes, mesh: DeviceMesh) -> TensorLayout:
+def layout(axes, mesh) -> TensorLayout:
     return TensorLayout(tuple(axes), mesh)
 
 
-def replicated(ndim: int, mesh: DeviceMesh) -> TensorLayout:
+def replicated(ndim: int, mesh) -> TensorLayout:
     return TensorLayout((None,) * ndim, mesh)
 
 
@@ -110,29 +112,43 @@ def logical_value(variable) -> np.ndarray:
 # Re-sharding -----------------------------------------------------------------
 
 
-def reshard(variable, axes, mesh, padded_shape=None) -> None:
-    """Give `variable` the layout `axes` on `mesh`, in place."""
-    value = variable.value
-    if padded_shape is not None and tuple(padded_shape) != tuple(
-        variable.shape
-    ):
-        variable._tp_logical_shape = tuple(variable.shape)
-        value = pad_to(value, padded_shape)
-        variable._shape = tuple(padded_shape)
-        variable.__class__ = _padded_class(type(variable))
-    variable._layout = layout(axes, mesh)
-    variable._direct_assign(value)
+def reshard(variable, axes, mesh, padded_shape=None) -> Callable[[], None]:
+    """Give `variable` the layout `axes` on `mesh`, in place.
+
+    Returns the undo. If resharding itself fails, the variable is restored
+    exactly (JAX arrays are immutable: the old value is kept, not copied)
+    and the error is raised.
+    """
+    old = (variable.__class__, variable._shape, variable._layout)
+    old_value = variable.value
+
+    def restore():
+        variable.__class__, variable._shape, variable._layout = old
+        variable.__dict__.pop("_tp_logical_shape", None)
+        variable._value = old_value
+
+    try:
+        value = old_value
+        if padded_shape is not None and tuple(padded_shape) != old[1]:
+            variable._tp_logical_shape = tuple(old[1])
+            value = pad_to(value, padded_shape)
+            variable._shape = tuple(padded_shape)
+            variable.__class__ = _padded_class(old[0])
+        variable._layout = layout(axes, mesh)
+        variable._direct_assign(value)
+    except BaseException:
+        restore()
+        raise
+    # From here on the undo gathers (the old full value is not kept alive).
+    return lambda: unshard(variable, old)
 
 
-def unshard(variable) -> None:
-    """Undo `reshard`: one device, logical shape (used to roll back)."""
+def unshard(variable, old) -> None:
+    """Undo `reshard`: the logical value on one device, the old layout."""
     value = logical_value(variable)
-    if isinstance(variable, _PaddedMixin):
-        variable.__class__ = type(variable).__mro__[2]
-        variable._shape = tuple(value.shape)
-        del variable._tp_logical_shape
-    variable._layout = None
-    variable._direct_assign(jnp.asarray(value))
+    variable.__class__, variable._shape, variable._layout = old
+    variable.__dict__.pop("_tp_logical_shape", None)
+    variable._value = jnp.asarray(value)
 
 
 def on_mesh(variable, mesh) -> bool:
@@ -141,87 +157,45 @@ def on_mesh(variable, mesh) -> bool:
     return sharding is not None and set(sharding.device_set) == mesh_devices
 
 
-def apply_plan(model, plan: ShardingPlan, mesh) -> list:
-    """Re-shard every model variable per `plan`; roll back on failure.
-
-    Returns:
-        The variables that were re-sharded.
-    """
+def apply_plan(model, plan: ShardingPlan, mesh, journal, checkpoint) -> None:
+    """Re-shard every model variable per `plan`, one undo per variable."""
     variables = list(model.variables)
-    if len(variables) != len(plan.variables):
-        raise ValueError(
-            "The plan does not belong to this model: it lists "
-            f"{len(plan.variables)} variables, the model has "
-            f"{len(variables)}."
-        )
-    done = []
-    try:
-        for v, entry in zip(variables, plan.variables):
-            if v.path != entry.path or tuple(v.shape) != entry.shape:
-                raise ValueError(
-                    f"Plan entry {entry.path} {entry.shape} does not match "
-                    f"variable {v.path} {tuple(v.shape)}."
-                )
-            reshard(v, entry.axes, mesh, entry.padded_shape)
-            done.append(v)
-    except Exception:
-        for v in done:
-            unshard(v)
-        raise
-    _install_vocab_slicing(model, plan)
-    return done
+    base.check_plan_matches(variables, plan)
+    for v, entry in zip(variables, plan.variables):
+        checkpoint()
+        journal.add(reshard(v, entry.axes, mesh, entry.padded_shape))
 
 
-def place_state(variables, mesh, reference_layouts: dict) -> None:
+def place_state(variables, mesh, params) -> None:
     """Put optimizer/metric variables on the mesh.
 
-    A variable created from a model variable (optimizer slot) takes that
-    variable's layout; anything else is replicated.
+    A variable created from a model variable (optimizer slot) of the same
+    shape takes that variable's layout; anything else is replicated.
     """
+    params = [p for p in params if getattr(p, "_layout", None) is not None]
     for v in variables:
         if on_mesh(v, mesh):
             continue
-        ref = reference_layouts.get(_slot_reference_key(v, reference_layouts))
-        if ref is not None and tuple(ref[1]) == tuple(v.shape):
-            v._layout = ref[0]
+        owner = base.slot_owner(v, params)
+        if owner is not None and tuple(owner.shape) == tuple(v.shape):
+            v._layout = owner._layout
         else:
             v._layout = replicated(len(v.shape), mesh)
         v._direct_assign(v.value)
 
 
-def _slot_reference_key(v, reference_layouts):
-    name = v.path.split("/")[-1]
-    for key in reference_layouts:
-        if name.startswith(key + "_"):
-            return key
-    return None
-
-
-def reference_layouts(model) -> dict:
-    """{mangled model variable path: (layout, shape)} for slot matching."""
-    return {
-        v.path.replace("/", "_"): (v._layout, tuple(v.shape))
-        for v in model.variables
-        if getattr(v, "_layout", None) is not None
-    }
-
-
 # Vocab-padded layers ---------------------------------------------------------
 
 
-def _install_vocab_slicing(model, plan: ShardingPlan) -> None:
+def install_vocab_slicing(model, plan: ShardingPlan, journal) -> None:
     """Slice padded vocab logits back to the logical vocab size."""
     padded_layers = {e.layer for e in plan if e.padded_shape is not None}
-    if not padded_layers:
-        return
     for layer in model._flatten_layers(include_self=True):
-        if layer.path in padded_layers and not getattr(
-            layer, "_tp_sliced", False
-        ):
-            _wrap_reverse_call(layer)
+        if layer.path in padded_layers:
+            journal.setattr(layer, "call", _reverse_sliced(layer))
 
 
-def _wrap_reverse_call(layer) -> None:
+def _reverse_sliced(layer):
     original = layer.call
     vocab = int(layer.input_dim)
 
@@ -233,8 +207,7 @@ def _wrap_reverse_call(layer) -> None:
             out = out[..., :vocab]
         return out
 
-    layer.call = call
-    layer._tp_sliced = True
+    return call
 
 
 # Replicated projections -------------------------------------------------------
@@ -257,7 +230,7 @@ def _replicated_grad(sharding):
     return identity
 
 
-def install_replicated_grads(model, plan: ShardingPlan, mesh) -> int:
+def install_replicated_grads(model, plan: ShardingPlan, mesh, journal) -> int:
     """Reduce the output gradient of replicated projections, not their
     weight gradient.
 
@@ -272,31 +245,24 @@ def install_replicated_grads(model, plan: ShardingPlan, mesh) -> int:
     Where the gradient is already replicated the constraint is a no-op.
     """
     by_path = {e.path: e for e in plan}
-    replicated = jax.sharding.NamedSharding(
+    sharding = jax.sharding.NamedSharding(
         mesh.backend_mesh, jax.sharding.PartitionSpec()
     )
     count = 0
     for layer in model._flatten_layers(include_self=False):
-        kernel = getattr(layer, "kernel", None)
-        if (
-            not isinstance(
-                layer, (keras.layers.Dense, keras.layers.EinsumDense)
-            )
-            or kernel is None
-            or getattr(layer, "_tp_replicated_grad", False)
-        ):
-            continue
-        entry = by_path.get(kernel.path)
+        rule = rule_for(layer)
+        if not isinstance(rule, LinearRule):
+            continue  # not a projection (the planner's rules say which are)
+        entry = by_path.get(rule.kernel.path)
         if entry is None or entry.is_split:
             continue
-        identity = _replicated_grad(replicated)
+        identity = _replicated_grad(sharding)
         original = layer.call
 
         def call(*args, _original=original, _identity=identity, **kwargs):
             return _identity(_original(*args, **kwargs))
 
-        layer.call = call
-        layer._tp_replicated_grad = True
+        journal.setattr(layer, "call", call)
         count += 1
     return count
 
@@ -323,37 +289,82 @@ def per_device_bytes(values) -> dict:
 # Engine ----------------------------------------------------------------------
 
 
+def _no_checkpoint() -> None:
+    return None
+
+
 class JaxEngine:
     """Applies a plan on a `(data, model)` mesh; XLA SPMD runs it.
+
+    Implements `backends.base.Engine`.
 
     Args:
         plan: The sharding plan.
         device_ids: Device ids, one per model-axis position.
+
+    Example:
+
+    ```python
+    engine = JaxEngine(plan_model(model, 2), ["cpu:0", "cpu:1"])
+    engine.apply(model)
+    ```
     """
 
     name = BACKEND
 
     def __init__(self, plan: ShardingPlan, device_ids: list[str]):
-        from keras_tensor_parallel.distribution import AutoTPDistribution
-
         self.plan = plan
         self.device_ids = list(device_ids)
         self.distribution = AutoTPDistribution(plan, device_ids=device_ids)
         self.mesh = self.distribution.device_mesh
-        self._references: dict = {}
+        self.rank = jax.process_index()
+        self._journal = base.Journal()
+        self._params: list = []
 
-    def apply(self, model) -> None:
-        apply_plan(model, self.plan, self.mesh)
-        # Sibling projections (q/k/v, gate/up) reduce their input gradient
-        # once, as Megatron does (see backends/jax_fusion.py).
-        from keras_tensor_parallel.backends import jax_fusion
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-        jax_fusion.install(model, self.plan)
-        install_replicated_grads(model, self.plan, self.mesh)
-        self._references = reference_layouts(model)
-        # A model compiled and trained before wrapping already has optimizer
-        # slots and metric state: they follow their parameters' layouts.
-        self.prepare_state(model)
+    def apply(self, model, *, checkpoint=_no_checkpoint) -> None:
+        """Shard `model` in place; on any error (or interrupt raised by
+        `checkpoint`) every step is undone before it propagates."""
+        journal = self._journal
+        try:
+            apply_plan(model, self.plan, self.mesh, journal, checkpoint)
+            checkpoint()
+            install_vocab_slicing(model, self.plan, journal)
+            # Sibling projections (q/k/v, gate/up) reduce their input
+            # gradient once, as Megatron does (see backends/jax_fusion.py).
+            from keras_tensor_parallel.backends import jax_fusion
+
+            jax_fusion.install(model, self.plan, journal=journal)
+            install_replicated_grads(model, self.plan, self.mesh, journal)
+            checkpoint()
+            self._params = list(model.variables)
+            # A model compiled and trained before wrapping already has
+            # optimizer slots and metric state: they follow their
+            # parameters' layouts.
+            self._place_model_state(model, journal)
+        except BaseException:
+            journal.undo()
+            self._params = []
+            raise
+
+    def _place_model_state(self, model, journal) -> None:
+        state = list(getattr(model, "metrics_variables", []))
+        if getattr(model, "optimizer", None) is not None:
+            state += list(model.optimizer.variables)
+        for v in state:
+            if not on_mesh(v, self.mesh):
+                old = (v.__class__, v._shape, v._layout)
+                journal.add(lambda v=v, old=old: unshard(v, old))
+        self.place_state(state)
+
+    def unapply(self, model) -> None:
+        """Undo `apply`: every variable whole on one device, calls as
+        before."""
+        self._journal.undo()
+        self._params = []
 
     def scope(self):
         return self.distribution.scope()
@@ -362,9 +373,40 @@ class JaxEngine:
         """The variable's full logical value, gathered across processes."""
         return logical_value(variable)
 
+    def shard_shapes(self, variable) -> list[tuple]:
+        return shard_shapes(variable)
+
+    def per_device_bytes(self, variables: Iterable) -> dict[str, int]:
+        return per_device_bytes(variables)
+
     def prepare_state(self, tp_model) -> None:
         """Put optimizer and metric variables created so far on the mesh."""
         state = list(getattr(tp_model, "metrics_variables", []))
         if getattr(tp_model, "optimizer", None) is not None:
             state += list(tp_model.optimizer.variables)
-        place_state(state, self.mesh, self._references)
+        self.place_state(state)
+
+    def place_state(self, variables: Iterable) -> None:
+        """Slots take their parameter's layout; the rest is replicated."""
+        place_state(variables, self.mesh, self._params)
+
+    def save(self, model, filepath, *, weights_only=False, **kwargs) -> None:
+        """Full weights; every process gathers, process 0 writes
+        atomically (a temporary file renamed into place)."""
+        method = model.save_weights if weights_only else model.save
+        if self.is_main:
+            base.atomic_write(lambda p: method(p, **kwargs), filepath)
+        else:
+            with _scratch_path(filepath) as path:
+                method(path, **kwargs)
+
+
+@contextlib.contextmanager
+def _scratch_path(filepath):
+    """A throwaway path with `filepath`'s name, for processes that take
+    part in the gather but do not write."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield os.path.join(tmp, os.path.basename(os.fspath(filepath)))

@@ -157,7 +157,7 @@ class _Group:
         return outs[self.layers.index(layer)]
 
 
-def _wrap(layer, group: _Group) -> None:
+def _wrap(layer, group: _Group, journal) -> None:
     def call(inputs, training=None):
         x = group.matmul(layer, inputs)
         if layer.bias is not None:
@@ -166,8 +166,12 @@ def _wrap(layer, group: _Group) -> None:
             x = layer.activation(x)
         return x
 
-    layer.call = call
-    layer._tp_fused = True
+    if journal is None:
+        layer.call = call
+        layer._tp_fused = True
+    else:
+        journal.setattr(layer, "call", call)
+        journal.setattr(layer, "_tp_fused", True)
 
 
 def sibling_groups(model, plan: ShardingPlan) -> list[list]:
@@ -185,8 +189,11 @@ def sibling_groups(model, plan: ShardingPlan) -> list[list]:
     return [g for g in by_input.values() if len(g) > 1]
 
 
-def install(model, plan: ShardingPlan) -> int:
-    """Fuse sibling projections of `model`; returns how many groups."""
+def install(model, plan: ShardingPlan, *, journal=None) -> int:
+    """Fuse sibling projections of `model`; returns how many groups.
+
+    With a `base.Journal`, each change is recorded so it can be undone.
+    """
     if plan.world_size < 2:
         return 0
     groups = [
@@ -198,7 +205,7 @@ def install(model, plan: ShardingPlan) -> int:
         splits = [plan.get(m.kernel.path).split_dim for m in layers]
         group = _Group(layers, splits, plan.world_size)
         for layer in layers:
-            _wrap(layer, group)
+            _wrap(layer, group, journal)
     return len(groups)
 
 

@@ -1,0 +1,188 @@
+"""Torch collectives for the engine: the process group, Megatron's f and g,
+and gathers along a dim with uneven shard sizes.
+
+`f` and `g` are our own autograd functions:
+`torch.distributed.nn.functional.all_reduce` all-reduces in backward too
+and would double the gradients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# Collectives issued by f, g and the vocab gather, for accounting in tests
+# and benchmarks: {"forward": all-reduces in forward, "backward": ...}.
+COUNTS = {"forward": 0, "backward": 0, "gather": 0}
+
+
+def reset_counts() -> None:
+    for key in COUNTS:
+        COUNTS[key] = 0
+
+
+def _count(key: str) -> None:
+    # Not under torch.compile: dynamo would guard on the counter's value
+    # (a recompile every step) and cannot mutate it inside an autograd
+    # Function (a graph break). Compiled steps are not counted.
+    if not torch.compiler.is_compiling():
+        COUNTS[key] += 1
+
+
+# Process group ---------------------------------------------------------------
+
+
+def ensure_process_group(timeout_s: float | None = None) -> bool:
+    """Initialize the default process group from torchrun's environment.
+
+    Uses gloo on CPU and nccl on GPU; does nothing when already initialized
+    or when `WORLD_SIZE` is unset (a plain `python` process: one rank, no
+    group). Returns whether a group is initialized.
+
+    Example:
+
+    ```python
+    ensure_process_group()  # under `keras-tp launch -n 2 script.py`
+    ```
+    """
+    if dist.is_initialized():
+        return True
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    timeout_s = timeout_s or float(os.environ.get("KERAS_TP_TIMEOUT", 120))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(
+        backend, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _symbolic(x) -> bool:
+    return x.device.type == "meta"
+
+
+# f, g and the vocab gather ---------------------------------------------------
+
+
+class _F(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        _count("backward")
+        dist.all_reduce(grad)
+        return grad
+
+
+class _G(torch.autograd.Function):
+    """All-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.contiguous().clone()
+        _count("forward")
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _GatherLast(torch.autograd.Function):
+    """All-gather along the last dim (uneven sizes); backward: local slice."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, index):
+        ctx.start = sum(sizes[:index])
+        ctx.stop = ctx.start + sizes[index]
+        width = max(sizes)
+        pad = width - x.shape[-1]
+        padded = torch.nn.functional.pad(x.contiguous(), (0, pad))
+        parts = [torch.empty_like(padded) for _ in sizes]
+        _count("gather")
+        dist.all_gather(parts, padded)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., ctx.start : ctx.stop].contiguous(), None, None
+
+
+def f(x):
+    """Megatron's f: enter a parallel region (identity forward)."""
+    return x if _symbolic(x) else _F.apply(x)
+
+
+def g(x):
+    """Megatron's g: leave a parallel region (all-reduce forward)."""
+    return x if _symbolic(x) else _G.apply(x)
+
+
+def gather_last(x, sizes: list[int], index: int):
+    """All-gather `x` along its last dim; this rank's part is `index`."""
+    return _GatherLast.apply(x, list(sizes), index)
+
+
+# Shard arithmetic ------------------------------------------------------------
+
+
+def shard_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous chunks of `n` (first ones one larger)."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def gather_dim(local, dim: int, sizes: list[int]):
+    """All-gather `local` along `dim` from every rank (uneven sizes)."""
+    local = torch.as_tensor(local).contiguous()
+    width = max(sizes)
+    shape = list(local.shape)
+    shape[dim] = width
+    padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
+    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+
+
+def first_error(error: BaseException | None) -> BaseException | None:
+    """The error of the first rank that failed, on every rank (a
+    collective): lets a step that failed on one rank fail on all of them,
+    in step, instead of leaving the others waiting in a collective.
+
+    Returns None when no rank failed; this rank's own `error` when it
+    failed; else a RuntimeError naming the failing rank and its error.
+    """
+    if world_size() == 1:
+        return error
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    for r, message in enumerate(every):
+        if message is not None:
+            if error is not None:
+                return error
+            return RuntimeError(f"rank {r} failed: {message}")
+    return None
