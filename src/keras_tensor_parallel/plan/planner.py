@@ -23,6 +23,8 @@ arguments.
 
 from __future__ import annotations
 
+import os
+
 import keras
 
 # Importing the op modules registers their propagators.
@@ -57,7 +59,9 @@ def plan_model(
 
     Args:
         model: A built Keras model (Sequential, Functional, subclassed or
-            KerasHub).
+            KerasHub), a function that builds one, or a KerasHub preset
+            directory; the last two are built with unallocated variables,
+            so a model larger than memory can be planned.
         world_size: Number of devices on the model axis.
         overrides: Optional ordered mapping `{regex: axes or role}`. A regex is
             matched against variable paths with `re.fullmatch`; the value is a
@@ -83,6 +87,16 @@ def plan_model(
     print(plan.table())
     ```
     """
+    if _is_builder_or_preset(model):
+        # Lazy: loading builds with a backend; plan/ imports no framework.
+        from keras_tensor_parallel.loading import plan_source
+
+        return plan_source(
+            model,
+            world_size,
+            overrides=overrides,
+            slice_operands=slice_operands,
+        )
     validate_world_size(world_size)
     check_built(model)
     graph = graph_lib.extract_graph(model, is_leaf=is_leaf)
@@ -93,6 +107,12 @@ def plan_model(
     if overrides:
         plan = apply_overrides(plan, overrides)
     return plan
+
+
+def _is_builder_or_preset(model) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.isdir(model)
+    return callable(model) and not isinstance(model, keras.layers.Layer)
 
 
 def is_leaf(layer) -> bool:
