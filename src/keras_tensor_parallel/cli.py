@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="run a script on N processes (torch backend)"
     )
     launch.add_argument("args", nargs=argparse.REMAINDER)
+    e = sub.add_parser(
+        "export", help="write a sharded checkpoint as one .keras file"
+    )
+    e.add_argument("checkpoint", metavar="CHECKPOINT")
+    e.add_argument("out", metavar="OUT", help="the .keras file to write")
     return parser
 
 
@@ -235,16 +240,28 @@ def _run_plan(args) -> int:
     from keras_tensor_parallel import models
     from keras_tensor_parallel.plan import plan_model
 
-    spec = models.resolve(args.model)
-    keras.utils.set_random_seed(args.seed)
-    model = spec.build()
     overrides = dict(args.override) or None
-    plan = plan_model(model, args.world_size, overrides=overrides)
+    if os.path.isdir(args.model):  # a preset: planned unallocated (issue 11)
+        plan = plan_model(args.model, args.world_size, overrides=overrides)
+        title = f"{args.model}: preset, planned without allocating weights"
+    else:
+        spec = models.resolve(args.model)
+        keras.utils.set_random_seed(args.seed)
+        plan = plan_model(spec.build(), args.world_size, overrides=overrides)
+        title = f"{spec.name}: {spec.description}"
     if args.format == "json":
         print(plan.to_json())
     else:
-        print(f"{spec.name}: {spec.description}")
+        print(title)
         print(plan.table())
+    return 0
+
+
+def _run_export(args) -> int:
+    from keras_tensor_parallel import checkpoint
+
+    source = checkpoint.export(args.checkpoint, args.out)
+    print(f"wrote {args.out} from {source}")
     return 0
 
 
@@ -382,6 +399,7 @@ def _slug(name: str) -> str:
 COMMANDS = {
     "models": _run_models,
     "plan": _run_plan,
+    "export": _run_export,
     "verify": _run_verify,
     "train": _run_train,
     "comms": _run_comms,
