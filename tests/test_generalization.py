@@ -583,11 +583,15 @@ def test_traced_families_split_their_attention(name):
     assert not [e.path for e in plan if "could not be traced" in e.reason]
 
 
-def test_own_weights_layer_is_replicated_with_a_reason():
+def test_own_weights_layer_is_split_by_its_matmul():
+    # Split by operation: the layer has no rule, but `ops.matmul(x, self.w)`
+    # makes its kernel the row of the Dense before it.
     keras.utils.set_random_seed(0)
     plan = plan_model(own_weights(), 2)
     own = [e for e in plan if e.layer.startswith("own_weights")]
-    assert len(own) == 2
-    for e in own:
-        assert e.role == Role.REPLICATED
-        assert "OwnWeights has no split rule" in e.reason
+    kernel = [e for e in own if len(e.shape) == 2]
+    assert len(kernel) == 1 and kernel[0].role == Role.ROW
+    assert "row-parallel" in kernel[0].reason
+    # Its bias is added after the all-reduce: a vector, replicated.
+    bias = [e for e in own if len(e.shape) == 1]
+    assert bias[0].role == Role.REPLICATED and bias[0].reason

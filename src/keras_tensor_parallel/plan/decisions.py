@@ -16,7 +16,11 @@ from keras_tensor_parallel.plan import propagate as prop
 from keras_tensor_parallel.plan import rules
 from keras_tensor_parallel.plan.plan import MODEL_AXIS, Role, VariablePlan
 from keras_tensor_parallel.plan.projections import find_projections
-from keras_tensor_parallel.plan.regions import RegionGrower
+from keras_tensor_parallel.plan.regions import (
+    RegionGrower,
+    collective_elements,
+    split_elements,
+)
 
 ROW_BIAS_REASON = (
     "row-parallel bias: replicated, added once after the all-reduce"
@@ -52,8 +56,15 @@ class Planner:
                 self.owner[id(v)] = layer
             if rules.has_rule(layer):
                 self.rules[id(layer)] = rules.rule_for(layer)
-        self.projections = find_projections(graph, self.rules)
-        self.proj_of_layer = {id(p.layer): p for p in self.projections.values()}
+        self.projections = find_projections(
+            graph, self.rules, self.owner, op_level=slice_operands
+        )
+        self.proj_of_var = {id(p.kernel): p for p in self.projections.values()}
+        self.proj_of_layer = {
+            id(p.layer): p
+            for p in self.projections.values()
+            if id(p.layer) in self.rules
+        }
         self.grower = RegionGrower(
             graph,
             world_size,
@@ -118,7 +129,7 @@ class Planner:
                 f"{type(proj.layer).__name__} has no output-only dim to split"
             )
             return
-        reasons = []
+        reasons, found = [], []
         for label in labels:
             size = proj.rule.label_size(label)
             if size % self.n:
@@ -126,45 +137,71 @@ class Planner:
                     f"output dim {size} not divisible by world size {self.n}"
                 )
                 continue
-            for recruit in (True, False):
-                try:
-                    region = self.grower.grow(proj, label, recruit)
-                except prop.Conflict as e:
-                    reasons.append(str(e))
-                    continue
-                self._commit(region)
-                return
-        self.proj_reason[id(proj)] = "not split: " + _dedupe(reasons)
+            region = self._first_region(proj, label, reasons)
+            if region is not None:
+                found.append((label, region))
+        if not found:
+            self.proj_reason[id(proj)] = "not split: " + _dedupe(reasons)
+            return
+        self._commit(*_cheapest(found))
 
-    def _commit(self, region) -> None:
+    def _first_region(self, proj, label, reasons):
+        for recruit in (True, False):
+            try:
+                return self.grower.grow(proj, label, recruit)
+            except prop.Conflict as e:
+                reasons.append(str(e))
+        return None
+
+    def _commit(self, region, why: str = "") -> None:
         self.split_tensors.update(region.split)
         row_names = ", ".join(sorted(p.name for p, _ in region.rows.values()))
         col_names = ", ".join(
             sorted(p.name for p, _ in region.columns.values())
         )
+        if region.batch or region.reductions:
+            self._commit_experts(region, why)
+            return
         for proj, label in region.columns.values():
-            self._commit_column(proj.rule, label, row_names)
+            self._commit_column(proj.rule, label, row_names, why)
         for proj, label in region.rows.values():
             r = proj.rule
             reason = (
                 f"row-parallel: {r.label_size(label)} input features split "
-                f"(from {col_names}); output all-reduced"
+                f"(from {col_names}); output all-reduced{why}"
             )
             self._decide(r.kernel, r.kernel_spec, label, Role.ROW, reason)
             if r.bias is not None:
                 self._replicate(r.bias, ROW_BIAS_REASON)
 
-    def _commit_column(self, r, label, row_names) -> None:
+    def _commit_experts(self, region, why: str) -> None:
+        members = [*region.columns.values(), *region.batch.values()]
+        proj, label = members[0]
+        size = proj.rule.label_size(label)
+        reason = (
+            f"expert-parallel: {size} experts split, {size // self.n} per "
+            f"device; their outputs are summed by one all-reduce{why}"
+        )
+        for proj, label in members:
+            r = proj.rule
+            self._decide(r.kernel, r.kernel_spec, label, Role.EXPERT, reason)
+            if r.bias is not None:
+                self._replicate(r.bias, "bias over unsplit dims")
+        for proj, label in region.rows.values():
+            r = proj.rule
+            self._decide(r.kernel, r.kernel_spec, label, Role.ROW, reason)
+
+    def _commit_column(self, r, label, row_names, why) -> None:
         size = r.label_size(label)
         out_only = r.column_labels()
         heads = out_only.index(label) < len(out_only) - 1
         role = Role.HEADS if heads else Role.COLUMN
         reason = (
             f"heads: {size} heads split, attention stays per head; "
-            f"row: {row_names}"
+            f"row: {row_names}{why}"
             if heads
             else f"column-parallel: {size} output features split; "
-            f"row: {row_names}"
+            f"row: {row_names}{why}"
         )
         self._decide(r.kernel, r.kernel_spec, label, role, reason)
         if r.bias is not None:
@@ -217,6 +254,9 @@ class Planner:
         r = self.rules.get(id(layer))
         if isinstance(r, rules.ReplicatedRule):
             return r.reason
+        proj = self.proj_of_var.get(id(v))
+        if proj is not None and id(proj) in self.proj_reason:
+            return self.proj_reason[id(proj)]
         if isinstance(r, rules.LinearRule):
             proj = self.proj_of_layer.get(id(layer))
             if proj is None:
@@ -239,6 +279,28 @@ def _opaque_reason(outer, why) -> str:
     return (
         f"inside {type(outer).__name__} {outer.name!r}, which could "
         f"not be traced ({why}): replicated"
+    )
+
+
+def _cheapest(found: list[tuple]) -> tuple:
+    """(region, why) of the candidate splitting the most kernel elements,
+    then all-reducing the fewest; ties keep label order (major first).
+    `why` is empty unless the choice beat another candidate."""
+
+    def cost(region):
+        return -split_elements(region), collective_elements(region)
+
+    best = min(range(len(found)), key=lambda i: (cost(found[i][1]), i))
+    region = found[best][1]
+    beaten = [r for _, r in found if cost(r) > cost(region)]
+    if not beaten:
+        return region, ""
+    other = min(beaten, key=cost)
+    inside = " when split inside each expert" if other.rows else ""
+    return region, (
+        f" (fewer values to all-reduce: {collective_elements(region)} per "
+        f"step at the trace size, against "
+        f"{collective_elements(other)}{inside})"
     )
 
 

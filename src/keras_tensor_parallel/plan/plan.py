@@ -39,6 +39,7 @@ class Role(str, enum.Enum):
     ROW = "row"
     HEADS = "heads"
     VOCAB = "vocab"
+    EXPERT = "expert"  # experts of a mixture-of-experts split over devices
     REPLICATED = "replicated"
 
     def __str__(self) -> str:
@@ -67,7 +68,12 @@ class VariablePlan:
         reason: One line saying why.
         layer: Path of the layer that owns the variable.
         padded_shape: Internal storage shape when a split dim does not divide
-            by the world size (vocab padding); `None` otherwise.
+            by the world size (vocab rows, attention heads padded with
+            zeros); `None` otherwise.
+        copies: Devices holding each shard. 1 for an ordinary split; a kv
+            head read by the query heads of several devices is held by
+            each of them (`world_size // copies` blocks, adjacent devices
+            share one).
     """
 
     path: str
@@ -78,6 +84,7 @@ class VariablePlan:
     reason: str
     layer: str = ""
     padded_shape: tuple[int, ...] | None = None
+    copies: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -111,7 +118,7 @@ class VariablePlan:
         shape = list(self.storage_shape)
         dim = self.split_dim
         if dim is not None:
-            shape[dim] //= world_size
+            shape[dim] //= world_size // self.copies
         return tuple(shape)
 
     def per_device_bytes(self, world_size: int) -> int:
@@ -147,6 +154,7 @@ class VariablePlan:
                 if data.get("padded_shape")
                 else None
             ),
+            copies=int(data.get("copies", 1)),
         )
 
 
@@ -291,8 +299,13 @@ class ShardingPlan:
             f"({self.replicated_fraction:.2%} of parameter bytes)",
         ]
 
-    def table(self, *, max_reason: int = 70) -> str:
-        """The plan as a fixed-width text table with totals."""
+    def table(self, *, max_reason: int | None = None) -> str:
+        """The plan as a fixed-width text table with totals.
+
+        Args:
+            max_reason: Cut reasons longer than this; by default they are
+                shown whole.
+        """
         header = (
             "path",
             "shape",
@@ -301,7 +314,11 @@ class ShardingPlan:
             "bytes/device",
             "reason",
         )
-        rows = [r[:5] + (_truncate(r[5], max_reason),) for r in self.rows()]
+        rows = [
+            r[:5]
+            + (r[5] if max_reason is None else _truncate(r[5], max_reason),)
+            for r in self.rows()
+        ]
         widths = [
             max(len(header[i]), *(len(r[i]) for r in rows)) if rows else 0
             for i in range(len(header))

@@ -12,6 +12,7 @@ caller tries the next option or replicates, with that reason.
 from __future__ import annotations
 
 import collections
+import math
 
 from keras_tensor_parallel.plan import propagate as prop
 
@@ -26,6 +27,12 @@ class Region:
         # id(projection) -> (projection, label split)
         self.columns: dict[int, tuple] = {}
         self.rows: dict[int, tuple] = {}
+        # Expert banks the split passes through on a label the input, the
+        # kernel and the output share (the expert dim of `eti,eih->eth`).
+        self.batch: dict[int, tuple] = {}
+        # Sums over the split dim: they end the region like a row does
+        # (one all-reduce of their output), as experts' outputs are summed.
+        self.reductions: list = []
         self.split: dict[int, int] = {}  # id(tensor) -> split dim
         self.queue: collections.deque = collections.deque()
         # (op name, tensor): unsplit full-size operands meeting the split.
@@ -42,8 +49,10 @@ class RegionGrower:
         layer_rules: {id(layer): rule} (non-projection rules stop a split).
         decided: {id(variable): ...} of variables already planned.
         split_tensors: ids of tensors split by committed regions.
-        slice_operands: Whether an unsplit full-size tensor may meet the
-            split (the engine slices it).
+        slice_operands: Whether the engine partitions the traced program
+            itself (XLA): then an unsplit full-size tensor may meet the
+            split (the engine slices it), expert banks may be split on the
+            expert dim and a sum over the split dim may end a region.
     """
 
     def __init__(
@@ -115,6 +124,9 @@ class RegionGrower:
         if proj is not None:
             self._visit_projection(region, node, proj, dims)
             return
+        if self._ends_with_sum(node, dims):
+            region.reductions.append(node)
+            return
         if node.opaque_reason:
             raise prop.Conflict(f"flows into untraceable {node.name}")
         if self.rules.get(id(node.op)) is not None and not prop.known(node):
@@ -152,7 +164,30 @@ class RegionGrower:
             )
             self._set_split(region, out, dim)
             return
+        if self.slice_operands and label in r.output_spec:
+            # A label of input, kernel and output: split all three.
+            self._add_batch(region, proj, label)
+            out = node.outputs[0]
+            self._set_split(region, out, dim_of(r.output_spec, out, label))
+            return
         raise prop.Conflict(f"{proj.name} kernel would need the split dim")
+
+    def _add_batch(self, region, proj, label) -> None:
+        if self._is_decided(proj):
+            raise prop.Conflict(f"{proj.name} is already planned")
+        if id(proj) in region.columns or id(proj) in region.rows:
+            raise prop.Conflict(f"{proj.name} split two ways")
+        if proj.rule.label_size(label) % self.n:
+            raise prop.Conflict(f"{proj.name} batch dim indivisible")
+        region.batch[id(proj)] = (proj, label)
+
+    def _ends_with_sum(self, node, dims) -> bool:
+        if not self.slice_operands or node.type_name != "Sum":
+            return False
+        if len(node.inputs) != 1 or dims[0] is None:
+            return False
+        rank = len(node.inputs[0].shape)
+        return dims[0] in prop.normalize_axes(node.op.axis, rank)
 
     def _add_row(self, region, proj, label) -> None:
         if self._is_decided(proj):
@@ -232,7 +267,7 @@ class RegionGrower:
         self._add_column(region, proj, label)
 
     def _check_complete(self, region) -> None:
-        if not region.rows:
+        if not region.rows and not region.reductions:
             raise prop.Conflict("no row-parallel consumer")
         if not self.slice_operands:
             for name, x in region.full_operands:
@@ -241,12 +276,34 @@ class RegionGrower:
                         f"{name}: an unsplit full-size tensor meets the "
                         "split dim (this engine cannot slice it)"
                     )
-        for proj, _ in region.rows.values():
+        for proj, _ in (*region.rows.values(), *region.batch.values()):
             for node in proj.nodes:
                 if id(node.inputs[0]) not in region.split:
                     raise prop.Conflict(
                         f"{proj.name} is also called on an unsplit input"
                     )
+
+
+def collective_elements(region) -> int:
+    """Elements all-reduced per step by `region`: forward, the outputs of
+    its rows and sums; backward, the gradient of each distinct input its
+    columns read (at the trace's batch and sequence sizes)."""
+    ends = [n for p, _ in region.rows.values() for n in p.nodes]
+    ends += region.reductions
+    forward = sum(math.prod(n.outputs[0].shape) for n in ends)
+    inputs = {
+        id(n.inputs[0]): n.inputs[0]
+        for p, _ in region.columns.values()
+        for n in p.nodes
+    }
+    return forward + sum(math.prod(t.shape) for t in inputs.values())
+
+
+def split_elements(region) -> int:
+    """Kernel elements the region splits."""
+    members = (*region.columns.values(), *region.rows.values())
+    members += tuple(region.batch.values())
+    return sum(math.prod(p.kernel.shape) for p, _ in members)
 
 
 def dim_of(spec: str, t, label: str) -> int:
