@@ -33,7 +33,10 @@ def _worker(port: int, process_id: int, num_processes: int) -> dict:
     import keras_tensor_parallel as ktp
     from keras_tensor_parallel import zoo
 
-    ktp.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+    # A fault in one process ends both within the timeout (test_faults.py).
+    ktp.initialize(
+        f"127.0.0.1:{port}", num_processes, process_id, timeout=TIMEOUT_S
+    )
     import jax
 
     world = jax.device_count()

@@ -16,12 +16,57 @@ __all__ = [
 ]
 
 
-def initialize(job_addresses=None, num_processes=None, process_id=None):
-    """Join a multi-host JAX job (`keras.distribution.initialize`); call it
-    on every host before building the model, then wrap as usual."""
+def initialize(
+    job_addresses: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout: float | None = None,
+) -> None:
+    """Join a multi-process job; every fault ends it within `timeout`.
+
+    Call it in every process before building the model, then wrap as
+    usual. Under `keras-tp launch` no argument is needed. On JAX it joins
+    `jax.distributed` (as `keras.distribution.initialize` does) with its
+    start-up, heartbeat and shutdown timeouts bounded by `timeout`, and
+    starts a watchdog: when a process raises, every process exits within
+    about two seconds naming it; a killed process is named after
+    `timeout / 2` seconds (5 to 30); a main thread that stands still (a
+    hang, or a collective waiting for one) ends the job by `timeout`,
+    naming where each process stands. On torch the engine joins the
+    process group when wrapping; `timeout` bounds each collective.
+
+    Args:
+        job_addresses: the coordinator's `host:port` (JAX), or all
+            addresses comma-separated, the first being the coordinator.
+        num_processes: processes in the job.
+        process_id: this process's id, in `[0, num_processes)`.
+        timeout: seconds; default `$KERAS_TP_TIMEOUT`, else 300.
+
+    Example:
+
+    ```python
+    # On process i of 2 (JAX), before building the model:
+    import keras_tensor_parallel as ktp
+    ktp.initialize("127.0.0.1:1234", 2, i, timeout=60)
+    ```
+    """
+    import os
+
     import keras
 
-    keras.distribution.initialize(job_addresses, num_processes, process_id)
+    from keras_tensor_parallel import processes
+
+    seconds = processes.resolve_timeout(timeout)
+    if keras.backend.backend() == "jax":
+        from keras_tensor_parallel import watchdog
+
+        watchdog.initialize_jax(
+            job_addresses, num_processes, process_id, timeout=seconds
+        )
+    else:
+        # The engine reads it when it creates the process group.
+        os.environ[processes.TIMEOUT_ENV] = f"{seconds:g}"
 
 
 def __getattr__(name):

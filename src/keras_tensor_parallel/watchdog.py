@@ -37,6 +37,12 @@ WAITING = " (in a JAX call)"
 LINGER_S = 3 * POLL_S
 
 
+def stall_after(timeout: float) -> float:
+    """Seconds a main thread may stand still: early enough that the job
+    has ended (poll, linger) by `timeout`."""
+    return max(timeout - 2 * POLL_S - LINGER_S, timeout / 2)
+
+
 def dead_after(timeout: float) -> float:
     """Seconds without a heartbeat after which a process counts as dead."""
     return max(5.0, min(timeout / 2, 30.0))
@@ -79,6 +85,7 @@ class Watchdog:
         self.n = num_processes
         self.timeout = timeout
         self.dead_after = dead_after(timeout)
+        self.stall_after = stall_after(timeout)
         self.stopped = False
         self._main = threading.main_thread().ident
         self._seen = {}  # peer -> (beat, local time it last changed)
@@ -137,7 +144,7 @@ class Watchdog:
                 f"process {peer} stopped responding (no heartbeat for "
                 f"{self.dead_after:.0f} s: killed or crashed)",
             )
-        if idle >= self.timeout:
+        if idle >= self.stall_after:
             self.fail(*self._stall_report(peers, idle, where))
 
     def _peers(self) -> dict[int, tuple[int, float, str]]:
@@ -172,8 +179,8 @@ class Watchdog:
         )
         parts = [f"process {p} idle {i:.0f} s at {w}" for p, (_, i, w) in order]
         return order[0][0], (
-            f"TimeoutError: no progress for {self.timeout:g} s (a process "
-            "hangs or waits for one that does): " + "; ".join(parts)
+            f"TimeoutError: no progress for {idle:.0f} s within the "
+            f"{self.timeout:g} s timeout: " + "; ".join(parts)
         )
 
     def fail(self, origin: int, message: str) -> None:
@@ -270,7 +277,9 @@ def initialize_jax(
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=seconds,
-        heartbeat_timeout_seconds=max(seconds, 10),
+        # A backstop only: the watchdog names a dead process after
+        # dead_after(timeout); JAX's own check aborts without naming it.
+        heartbeat_timeout_seconds=max(2 * seconds, 10),
         shutdown_timeout_seconds=seconds,
     )
     # The key-value store has no public handle; orbax reads it the same way.

@@ -1,0 +1,247 @@
+"""Multi-process faults end promptly, naming the process and its error.
+
+JAX: 2 processes x 2 CPU devices join with `keras_tensor_parallel.initialize
+(timeout=20)`, run one collective, then process 1 raises, is killed or
+hangs while process 0 waits in the next collective. Without the watchdog
+these runs took 301 s, 99 s and forever. Each ends within its bound,
+measured from the moment of the fault. The three runs share the machine
+(each process mostly waits), so the file takes one start-up, not three.
+
+Torch and JAX under `keras-tp launch`: the same faults end the run with the
+failing rank named, and a hang under `--timeout 20` leaves no rank alive.
+
+Run directly, this file is the rank: `python test_faults.py BACKEND MODE
+OUTDIR [PORT PROCESS_ID]`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.abspath(__file__)
+TIMEOUT = 20  # the run's stated timeout, seconds
+START_S = 120  # start-up allowance: imports on a loaded 2-core machine
+# From the fault to the last process's exit: raise -> the watchdog's next
+# poll; kill -> dead_after(20) = 10 s without a heartbeat; hang -> within
+# TIMEOUT. SLACK_S: a loaded machine delays the watchdog threads' polls.
+SLACK_S = 3.0
+JAX_BOUNDS = {
+    "raise": SLACK_S,
+    "kill": 10.0 + SLACK_S,
+    "hang": TIMEOUT + SLACK_S,
+}
+
+
+def _jax_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        KERAS_BACKEND="jax",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    env.pop("KERAS_TP_TIMEOUT", None)
+    return env
+
+
+def _free_port() -> int:
+    from keras_tensor_parallel.launch import free_port
+
+    return free_port()
+
+
+def _wait_all(procs: dict, limit: float) -> dict:
+    """Wait for every process; the time.time() at which each ended."""
+    ended, deadline = {}, time.monotonic() + limit
+    while len(ended) < len(procs) and time.monotonic() < deadline:
+        for key, p in procs.items():
+            if key not in ended and p.poll() is not None:
+                ended[key] = time.time()
+        time.sleep(0.05)
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return ended
+
+
+def _fault_time(out, rank=1) -> float:
+    return float((out / f"fault{rank}").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_jax_processes_end_within_the_timeout(tmp_path):
+    procs, logs = {}, {}
+    for mode in JAX_BOUNDS:
+        out = tmp_path / mode
+        out.mkdir()
+        port = str(_free_port())
+        for pid in (0, 1):
+            logs[mode, pid] = out / f"log{pid}"
+            procs[mode, pid] = subprocess.Popen(
+                [sys.executable, HERE, "jax", mode, str(out), port, str(pid)],
+                env=_jax_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=open(logs[mode, pid], "w"),
+            )
+    ended = _wait_all(procs, START_S + 60)
+    for mode, bound in JAX_BOUNDS.items():
+        out = tmp_path / mode
+        log0 = logs[mode, 0].read_text()
+        assert (mode, 0) in ended, f"{mode}: process 0 never ended\n{log0}"
+        took = max(ended[mode, p] for p in (0, 1)) - _fault_time(out)
+        print(f"jax {mode}: all processes ended {took:.1f} s after the fault")
+        assert took < bound, (mode, took, log0[-3000:])
+        assert procs[mode, 0].returncode == 1, (mode, log0[-3000:])
+        last = log0.strip().splitlines()[-1]
+        if mode == "raise":
+            assert last == (
+                "keras-tp: process 0 of 2 stopped: process 1 failed: "
+                "ValueError: process 1 fails on purpose"
+            ), log0[-3000:]
+            log1 = logs[mode, 1].read_text()
+            assert log1.count("Traceback") == 1, log1
+        elif mode == "kill":
+            assert "process 1 stopped responding" in last, log0[-3000:]
+        else:  # the hanging process is named first, with where it is
+            assert "process 1 failed: TimeoutError: no progress" in last
+            first = last.split("timeout: ")[1].split(";")[0]
+            assert first.startswith("process 1 idle"), last
+            assert first.endswith("in _rank_main"), last
+
+
+# Under the launcher: the rank that failed, and its error, in one line. Each
+# run is started at once and checked after all have ended: start-up (the
+# imports) dominates, and the runs mostly wait.
+LAUNCHED = {
+    # (backend, mode): (exit status, last line's end, seconds after fault)
+    ("jax", "raise"): (1, "rank 1 of 2 failed: ValueError: process 1 "
+                       "fails on purpose", SLACK_S),
+    ("torch", "raise"): (1, "rank 1 of 2 failed: ValueError: process 1 "
+                         "fails on purpose", SLACK_S),
+    ("torch", "kill"): (137, "rank 1 of 2 failed: killed by SIGKILL", SLACK_S),
+    ("jax", "kill"): (137, "rank 1 of 2 failed: killed by SIGKILL", SLACK_S),
+}  # fmt: skip
+
+
+def _launch(backend, mode, out, timeout):
+    env = _jax_env() if backend == "jax" else dict(os.environ)
+    env["KERAS_BACKEND"] = backend
+    if backend == "torch":
+        env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "keras_tensor_parallel.launch", "-n", "2"]
+    cmd += ["--timeout", str(timeout), HERE, backend, mode, str(out)]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
+    from keras_tensor_parallel import launch
+
+    procs, outs = {}, {}
+    for backend, mode in [*LAUNCHED, ("jax", "hang"), ("torch", "hang")]:
+        outs[backend, mode] = out = tmp_path / f"{backend}-{mode}"
+        out.mkdir()
+        timeout = TIMEOUT if mode == "hang" else START_S
+        procs[backend, mode] = _launch(backend, mode, out, timeout)
+    start = time.time()
+    ended = _wait_all(procs, START_S + 30)
+    errs = {key: p.stderr.read() for key, p in procs.items()}
+    for key, (status, line, bound) in LAUNCHED.items():
+        err = errs[key][-3000:]
+        assert procs[key].returncode == status, (key, err)
+        assert err.strip().splitlines()[-1].endswith(line), (key, err)
+        assert err.count("Traceback") == (key[1] == "raise"), (key, err)
+        took = ended[key] - _fault_time(outs[key])
+        print(f"{key}: launcher ended {took:.1f} s after the fault")
+        assert took < bound, (key, took, err)
+        assert (outs[key] / "timeout0").read_text() == (
+            f"{launch.rank_timeout(START_S):g}"
+        )
+    for backend in ("jax", "torch"):
+        # A hang under --timeout 20: ended by then, no rank left alive.
+        key = backend, "hang"
+        took = ended[key] - start
+        print(f"{key}: launcher ended after {took:.1f} s: {errs[key][-300:]}")
+        assert procs[key].returncode != 0, errs[key][-3000:]
+        assert took < TIMEOUT + SLACK_S, took
+        pids = [int((outs[key] / f"pid{r}").read_text()) for r in (0, 1)]
+        assert not any(_alive(p) for p in pids), pids
+
+
+# The ranks -------------------------------------------------------------------
+
+
+def _fail(me: int):
+    raise ValueError(f"process {me} fails on purpose")
+
+
+def _jax_collective():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    local = np.ones((jax.local_device_count(),), np.float32)
+    x = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("x")), local
+    )
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+    return lambda: float(total(x).addressable_shards[0].data)
+
+
+def _torch_collective():
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    # As the engine joins (test_torch_backend.py runs that path); without
+    # importing Keras, which doubles the start-up.
+    seconds = float(os.environ["KERAS_TP_TIMEOUT"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
+    return lambda: dist.all_reduce(torch.ones(1))
+
+
+def _rank_main(backend, mode, out, port=None, process_id=None):
+    me = int(os.environ.get("RANK", process_id))
+    with open(os.path.join(out, f"pid{me}"), "w") as fh:
+        fh.write(str(os.getpid()))
+    import keras_tensor_parallel as ktp
+
+    if backend == "jax" and port is None:
+        ktp.initialize()  # the launcher's variables
+    elif backend == "jax":
+        ktp.initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout=20)
+    collective = _jax_collective() if backend == "jax" else _torch_collective()
+    with open(os.path.join(out, f"timeout{me}"), "w") as fh:
+        fh.write(os.environ.get("KERAS_TP_TIMEOUT", ""))
+    collective()  # every process has joined
+    if me == 1:
+        with open(os.path.join(out, f"fault{me}"), "w") as fh:
+            fh.write(repr(time.time()))
+        if mode == "raise":
+            _fail(me)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)  # hang
+    collective()  # process 0 waits here for process 1
+
+
+if __name__ == "__main__":
+    _rank_main(*sys.argv[1:])
