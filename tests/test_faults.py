@@ -152,7 +152,8 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
     from keras_tensor_parallel import launch
 
     procs, outs = {}, {}
-    for backend, mode in [*LAUNCHED, ("jax", "hang"), ("torch", "hang")]:
+    hangs = [("jax", "hang"), ("torch", "hang")]
+    for backend, mode in [*LAUNCHED, *hangs, ("jax", "ok")]:
         outs[backend, mode] = out = tmp_path / f"{backend}-{mode}"
         out.mkdir()
         timeout = TIMEOUT if mode == "hang" else START_S
@@ -171,6 +172,8 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
         assert (outs[key] / "timeout0").read_text() == (
             f"{launch.rank_timeout(START_S):g}"
         )
+    # Without a fault, the JAX ranks join, compute and leave: status 0.
+    assert procs["jax", "ok"].returncode == 0, errs["jax", "ok"][-3000:]
     for backend in ("jax", "torch"):
         # A hang under --timeout 20: ended by then, no rank left alive.
         key = backend, "hang"
@@ -239,7 +242,8 @@ def _rank_main(backend, mode, out, port=None, process_id=None):
             _fail(me)
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(600)  # hang
+        if mode == "hang":
+            time.sleep(600)
     collective()  # process 0 waits here for process 1
 
 

@@ -116,6 +116,7 @@ class Ranks:
         self.cmd = [sys.executable, processes.__file__, script, *args]
         self.tmp = tempfile.mkdtemp(prefix="keras-tp-launch-")
         self.procs: list[subprocess.Popen] = []
+        self.running: list[int] = []  # ranks still running at a failure
 
     def error_file(self, rank: int) -> str:
         return os.path.join(self.tmp, f"rank{rank}.json")
@@ -148,6 +149,7 @@ class Ranks:
             codes = [p.poll() for p in self.procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
+                self.running = [r for r, c in enumerate(codes) if c is None]
                 return "failed", failed
             if all(c == 0 for c in codes):
                 return "ok", []
@@ -213,6 +215,11 @@ def report_failure(ranks: Ranks, failed: list[int]) -> int:
     line = f"rank {named} of {n} failed: {error}"
     if named != rank:
         line = f"rank {rank} of {n} stopped: {line}"
+    if ranks.running and "timed out" in error.lower():
+        # A collective timed out: the rank it waited for may be the one
+        # that hangs, and it had not ended.
+        still = ", ".join(str(r) for r in ranks.running)
+        line += f" (still running then: rank {still})"
     print(f"keras-tp launch: {line}", file=sys.stderr, flush=True)
     code = ranks.procs[rank].returncode
     return 128 - code if code < 0 else code
