@@ -41,13 +41,82 @@ def assert_unchanged(model, before):
         ),
         ({"distributed_backend": "mpi"}, "distributed_backend=.mpi."),
         ({"distributed_backend": "torch"}, "does not match the Keras backend"),
+        ({"distributed_backend": 2}, "must be a string"),
+        # Issue 13: inputs that slipped through.
+        (
+            {"world_size": 2.0, "device_ids": ["cpu:0", "cpu:1"]},
+            "positive integer. Received: world_size=2.0",
+        ),
+        ({"world_size": True}, "positive integer. Received: world_size=True"),
+        (
+            {"world_size": True, "device_ids": ["cpu:0"]},
+            "Received: world_size=True",
+        ),
+        (
+            {"world_size": "2", "device_ids": ["cpu:0", "cpu:1"]},
+            "positive integer. Received: world_size='2'",
+        ),
+        ({"overrides": {1: "row"}}, "Received: overrides key 1"),
+        (
+            {"plan": "auto"},
+            "plan must be a ShardingPlan.*Received: plan='auto'",
+        ),
+        ({"plan": {"world_size": 2}}, "Received: plan=\\{'world_size'"),
+        (
+            {"device_ids": (d for d in ["cpu:0", "cpu:1"])},
+            "list of device id strings.*Received: device_ids=<generator",
+        ),
+        ({"device_ids": ["cpu:0", 1]}, "Received: device_ids=\\['cpu:0', 1\\]"),
+    ],
+)
+def test_bad_arguments_leave_model_unchanged(kwargs, match):
+    model = zoo.seed_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        TensorParallelKeras(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        # "pytorch" means torch: under JAX that is the backend mismatch.
+        ("pytorch", "distributed_backend='torch' does not match"),
+        ("PyTorch", "distributed_backend='torch' does not match"),
+        ("tensorflow", "no TensorFlow engine yet"),
+        ("tf", "no TensorFlow engine yet"),
+        ("nccl", "'nccl' needs GPUs.*no GPU"),
+        ("horovod", "only averages gradients.*tensor_parallel_size"),
+        ("fallback", "simulates devices.*not parallelism"),
+    ],
+)
+def test_backend_names_users_write(name, match):
+    model = zoo.seed_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match) as err:
+        TensorParallelKeras(model, world_size=2, distributed_backend=name)
+    assert f"Received: distributed_backend={name!r}" in str(err.value)
+    assert_unchanged(model, before)
+
+
+def test_jax_and_auto_name_the_jax_engine():
+    for name in ("jax", "JAX", "auto", None):
+        tp = TensorParallelKeras(
+            zoo.seed_mlp(), world_size=2, distributed_backend=name
+        )
+        assert tp.engine.name == "jax"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
         ({"overrides": {"nothing/matches": "row"}}, "names no variable"),
         ({"overrides": {".*kernel": ("model",)}}, "one entry per dim"),
         ({"overrides": {"[": "row"}}, "valid regular expressions"),
         ({"overrides": ["not", "a", "dict"]}, "must be a dict"),
     ],
 )
-def test_bad_arguments_leave_model_unchanged(kwargs, match):
+def test_bad_overrides_leave_model_unchanged(kwargs, match):
     model = zoo.seed_mlp()
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):

@@ -141,6 +141,8 @@ def worker(name: str, out_path: str, fail: str = "") -> None:
         return clip_worker(out_path)
     if name == "unrunnable":
         return unrunnable_worker(out_path)
+    if name == "save_error":
+        return save_error_worker(out_path)
     import keras
     import torch.distributed as dist
 
@@ -354,6 +356,36 @@ def clip_worker(out_path: str) -> None:
             json.dump(res, fh)
 
 
+def save_error_worker(out_path: str) -> None:
+    """A save that fails on rank 0 only (its directory does not exist)
+    raises on both ranks; a retry then saves on both, still in step."""
+    import keras
+    import torch.distributed as dist
+
+    from keras_tensor_parallel import TensorParallelKeras, zoo
+
+    build, x, _, _ = _case("mlp")
+    _, cand, _ = zoo.build_pair(build, seed=0)
+    tp = TensorParallelKeras(cand, world_size=2)
+    rank = dist.get_rank()
+    here = os.path.dirname(out_path)
+    bad = os.path.join(here, "missing" if rank == 0 else "", "m.keras")
+    res = {}
+    try:
+        tp.save(bad)
+        res["first"] = ""
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        res["first"] = f"{type(e).__name__}: {e}"
+    good = os.path.join(here, "m.keras")
+    tp.save(good)
+    want = np.asarray(tp(x).detach())
+    if rank == 0:
+        loaded = keras.saving.load_model(good)
+        res["loaded"] = _rel(loaded(x).detach(), want)
+    with open(f"{out_path}.{rank}", "w") as fh:
+        json.dump(res, fh)
+
+
 def _launch(tmp_path, *args, timeout=TIMEOUT):
     env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
     env.pop("XLA_FLAGS", None)
@@ -455,3 +487,65 @@ def test_failing_rank_stops_the_others(tmp_path):
 
 if __name__ == "__main__":
     worker(*sys.argv[1:])
+
+
+@pytest.mark.torch
+def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    out = tmp_path / "result.json"
+    proc = _launch(tmp_path, "save_error", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = [
+        json.loads((tmp_path / f"result.json.{r}").read_text()) for r in (0, 1)
+    ]
+    assert "No such file or directory" in res[0]["first"], res
+    assert res[1]["first"].startswith("RuntimeError: rank 0 failed"), res
+    assert "No such file or directory" in res[1]["first"], res
+    assert res[0]["loaded"] <= 1e-5, res
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.keras",
+        "result.json.0",
+        "result.json.1",
+    ]
+
+
+PLAIN = """
+import numpy as np, keras, torch.distributed as dist
+from keras_tensor_parallel import TensorParallelKeras, zoo
+ref, cand, _ = zoo.build_pair(zoo.seed_mlp, seed=0)
+x = np.random.RandomState(0).randn(8, 64).astype("float32")
+y = np.random.RandomState(1).randn(8, 32).astype("float32")
+tp = TensorParallelKeras(cand, distributed_backend="pytorch")
+assert tp.world_size == 1 and tp.engine.name == "torch"
+got, want = np.asarray(tp(x).detach()), np.asarray(ref(x).detach())
+assert float(np.abs(got - want).max()) == 0
+for m in (ref, tp):
+    m.compile(optimizer="adam", loss="mse")
+kw = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+assert ref.fit(x, y, **kw).history == tp.fit(x, y, **kw).history
+tp.save("m.keras")
+assert not dist.is_initialized()  # no process group, no collective
+try:
+    TensorParallelKeras(zoo.seed_mlp(), world_size=2)
+except ValueError as e:
+    print("ERROR", str(e))
+"""
+
+
+@pytest.mark.torch
+def test_plain_python_process_runs_at_world_size_one(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
+    for key in ("XLA_FLAGS", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    error = proc.stdout.split("ERROR ", 1)[1].strip()
+    assert "keras-tp launch -n 2 script.py" in error, error
+    assert "XLA_FLAGS" not in error and "\n" not in error, error
+    assert (tmp_path / "m.keras").exists()

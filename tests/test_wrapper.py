@@ -205,3 +205,26 @@ def test_weight_gather_detector_flags_a_forced_gather():
     hlo = jax.jit(gathers_weight).lower(kernel.value, x).compile().as_text()
     assert ("f32", (64, 128)) in all_gather_shapes(hlo)
     assert weight_gathers(tp, hlo) == [kernel.path]
+
+
+def test_model_attributes_are_the_wrapped_models():
+    model = zoo.seed_mlp()
+    tp = TensorParallelKeras(model, world_size=2)
+    assert tp.inputs == model.inputs and tp.outputs == model.outputs
+    assert tp.input_shape == model.input_shape == (None, 64)
+    assert tp.output_shape == model.output_shape
+    first = model.layers[0]
+    assert tp.get_layer(first.name) is first
+    assert tp.get_layer(index=1) is model.layers[1]
+
+
+def test_odd_vocab_counts_real_parameters():
+    from keras_tensor_parallel import catalogue
+
+    model = catalogue.get("gpt2").tiny().build()
+    want = model.count_params()
+    tp = TensorParallelKeras(model, world_size=2)
+    table = tp.get_layer("token_embedding").embeddings
+    assert tp.plan[table.path].padded_shape == (1002, 64)  # stored padded
+    assert tp.count_params() == want
+    assert np.asarray(table).shape == (1001, 64)

@@ -178,9 +178,11 @@ class TensorParallelKeras(keras.Model):
     # Training and inference run inside the plan's distribution scope -------
 
     def _run(self, method, *args, **kwargs):
-        with self._tp_engine.scope():
-            self._tp_engine.prepare_state(self)
-            return method(*args, **kwargs)
+        engine = self._tp_engine
+        with engine.scope():
+            engine.prepare_state(self)
+            with engine.guard(self):
+                return method(*args, **kwargs)
 
     def fit(self, *args, **kwargs):
         return self._run(super().fit, *args, **kwargs)

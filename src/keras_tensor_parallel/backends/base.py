@@ -7,6 +7,8 @@ Each backend offers the same small surface (as Keras's
 - `apply(model)` / `unapply(model)`: shard in place, all or nothing; undo.
 - `scope()`: the context training and inference run in.
 - `prepare_state(tp_model)`: optimizer and metric state follow the plan.
+- `guard(tp_model)`: a failed fit/evaluate/predict leaves every variable
+  with its value (the context those calls run in).
 - `place_state(variables)`: lay out optimizer/metric variables created
   outside the wrapper (a verifier's own optimizer) like their parameters.
 - `to_numpy(variable)`: the full, logical value (gathered where split).
@@ -61,6 +63,8 @@ class Engine(Protocol):
     def prepare_state(self, tp_model) -> None: ...
 
     def place_state(self, variables: Iterable) -> None: ...
+
+    def guard(self, tp_model): ...
 
     def to_numpy(self, variable) -> np.ndarray: ...
 

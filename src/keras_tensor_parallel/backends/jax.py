@@ -390,6 +390,25 @@ class JaxEngine:
         """Slots take their parameter's layout; the rest is replicated."""
         place_state(variables, self.mesh, self._params)
 
+    @contextlib.contextmanager
+    def guard(self, tp_model):
+        """A failed fit/evaluate/predict leaves every variable holding a
+        value.
+
+        Keras's JAX trainer detaches variable values while it runs
+        (`_purge_model_variables`) and reattaches them only when it ends
+        normally. On an error, put back the values from before the call,
+        or, when a step already consumed them (donated buffers), the state
+        after the last completed step.
+        """
+        variables = _state_variables(tp_model)
+        before = [v._value for v in variables]
+        try:
+            yield
+        except BaseException:
+            _reattach(tp_model, variables, before)
+            raise
+
     def save(self, model, filepath, *, weights_only=False, **kwargs) -> None:
         """Full weights; every process gathers, process 0 writes
         atomically (a temporary file renamed into place)."""
@@ -399,6 +418,33 @@ class JaxEngine:
         else:
             with _scratch_path(filepath) as path:
                 method(path, **kwargs)
+
+
+def _state_variables(tp_model) -> list:
+    found = list(tp_model.variables) + list(
+        getattr(tp_model, "metrics_variables", [])
+    )
+    if getattr(tp_model, "optimizer", None) is not None:
+        found += list(tp_model.optimizer.variables)
+    return list({id(v): v for v in found}.values())
+
+
+def _deleted(value) -> bool:
+    return value is None or (
+        hasattr(value, "is_deleted") and value.is_deleted()
+    )
+
+
+def _reattach(tp_model, variables, before) -> None:
+    if any(_deleted(b) for b, v in zip(before, variables)):
+        # A step ran (its input buffers were donated): the trainer keeps
+        # the state after the last completed step here.
+        tp_model.jax_state_sync()
+    for v, value in zip(variables, before):
+        if v._value is None and not _deleted(value):
+            v._value = value
+    tp_model._jax_state = None
+    tp_model._jax_state_synced = True
 
 
 @contextlib.contextmanager

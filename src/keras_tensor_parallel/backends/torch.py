@@ -186,6 +186,12 @@ class TorchEngine:
         """Nothing to place: slots are made from the local shards."""
         return None
 
+    @contextlib.contextmanager
+    def guard(self, tp_model):
+        """Nothing to guard: Keras's torch trainer keeps every variable's
+        value attached while it runs."""
+        yield
+
     def to_numpy(self, variable) -> np.ndarray:
         """The full value (all-gathered where split: a collective)."""
         return np.asarray(variable)
