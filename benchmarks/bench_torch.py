@@ -13,18 +13,22 @@ import keras
 import numpy as np
 import torch.distributed as dist
 
-from keras_tensor_parallel import TensorParallelKeras, zoo
+from keras_tensor_parallel import TensorParallelKeras, catalogue
 from keras_tensor_parallel.backends import torch as tb
 
 
 def build():
-    return zoo.opt(
-        vocabulary_size=8192,
-        num_layers=2,
-        num_heads=8,
-        hidden_dim=256,
-        intermediate_dim=1024,
-        max_sequence_length=64,
+    return (
+        catalogue.get("opt-125m")
+        .variant(
+            vocabulary_size=8192,
+            num_layers=2,
+            num_heads=8,
+            hidden_dim=256,
+            intermediate_dim=1024,
+            max_sequence_length=64,
+        )
+        .build()
     )
 
 

@@ -46,24 +46,26 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras.src.backend.jax.trainer import _distribute_data  # noqa: E402
 
-from keras_tensor_parallel import TensorParallelKeras, comms, zoo  # noqa: E402
+from keras_tensor_parallel import TensorParallelKeras, catalogue, comms  # noqa: E402
 from keras_tensor_parallel.backends.jax import per_device_bytes  # noqa: E402
 from keras_tensor_parallel.verify import causal_lm  # noqa: E402
 
 CONFIGS = {
     "llama": dict(
-        build=lambda: zoo.llama(
+        # llama-small (8 query heads, 4 key/value heads) at 2 layers.
+        build=catalogue.get("llama-small")
+        .variant(
             vocabulary_size=8000,
             num_layers=2,
-            num_query_heads=8,
-            num_key_value_heads=4,
             hidden_dim=256,
             intermediate_dim=688,
-        ),
+        )
+        .build,
         backbone="LlamaBackbone",
     ),
     "gemma": dict(
-        build=lambda: zoo.gemma(
+        build=catalogue.get("gemma-small")
+        .variant(
             vocabulary_size=8000,
             num_layers=2,
             num_query_heads=4,
@@ -72,8 +74,8 @@ CONFIGS = {
             num_key_value_heads=4,
             hidden_dim=256,
             intermediate_dim=1024,
-            head_dim=64,
-        ),
+        )
+        .build,
         backbone="GemmaBackbone",
     ),
 }
@@ -226,7 +228,7 @@ def opt125m_memory(sizes) -> list[dict]:
 
     out = []
     for n in sizes:
-        check = memory_check(zoo.opt, n)
+        check = memory_check(catalogue.get("opt-125m").build, n)
         out.append(
             {
                 "model": "opt-125m",

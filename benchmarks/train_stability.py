@@ -33,7 +33,7 @@ def make_optimizer(name: str, lr: float | None):
     return keras.optimizers.SGD(lr or 0.1, momentum=0.9, global_clipnorm=1.0)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--world-size", type=int, default=2)
@@ -44,11 +44,14 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--json", default=None, help="write results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import keras
 
-    from keras_tensor_parallel import zoo
+    from keras_tensor_parallel import catalogue
     from keras_tensor_parallel.verify import (
         causal_lm,
         compare_training,
@@ -66,17 +69,17 @@ def main(argv=None) -> int:
         seed=0,
     )
 
+    spec = catalogue.get("opt-125m").variant(
+        vocabulary_size=256,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=128,
+        intermediate_dim=512,
+        max_sequence_length=args.seq_len,
+    )
+
     def model_fn():
-        return causal_lm(
-            zoo.opt(
-                vocabulary_size=256,
-                num_layers=2,
-                num_heads=4,
-                hidden_dim=128,
-                intermediate_dim=512,
-                max_sequence_length=args.seq_len,
-            )
-        )
+        return causal_lm(spec.build())
 
     start = time.time()
     result = compare_training(
@@ -92,10 +95,15 @@ def main(argv=None) -> int:
         weight_rtol=1.0,  # weights drift chaotically over 200 steps
     )
     elapsed = time.time() - start
+    return report(args, result, len(data), elapsed)
+
+
+def report(args, result, corpus_bytes: int, elapsed: float) -> int:
+    """Print the logged steps and the verdict; the exit status."""
     ref, tp = result.losses_single, result.losses_tp
     logged = list(range(0, args.steps, args.log_every)) + [args.steps - 1]
     rel = [abs(ref[i] - tp[i]) / abs(ref[i]) for i in logged]
-    print(f"corpus: {len(data):,} bytes of stdlib .py source")
+    print(f"corpus: {corpus_bytes:,} bytes of stdlib .py source")
     print(f"{'step':>5} {'single':>10} {'tp':>10} {'rel diff':>10}")
     for i, r in zip(logged, rel):
         print(f"{i + 1:>5} {ref[i]:>10.5f} {tp[i]:>10.5f} {r:>10.2e}")

@@ -2,7 +2,7 @@
 
 import json
 
-from keras_tensor_parallel import cli, zoo
+from keras_tensor_parallel import catalogue, cli
 
 
 def plan_json(capsys, source):
@@ -11,7 +11,7 @@ def plan_json(capsys, source):
 
 
 def test_plan_from_keras_file(tmp_path, capsys):
-    model = zoo.seed_attention()
+    model = catalogue.seed_attention()
     path = tmp_path / "attention.keras"
     model.save(path)
     plan = plan_json(capsys, str(path))
@@ -21,14 +21,7 @@ def test_plan_from_keras_file(tmp_path, capsys):
 
 
 def test_plan_from_preset_directory(tmp_path, capsys):
-    backbone = zoo.opt(
-        vocabulary_size=1000,
-        num_layers=1,
-        num_heads=4,
-        hidden_dim=64,
-        intermediate_dim=128,
-        max_sequence_length=32,
-    )
+    backbone = catalogue.get("opt-125m:tiny").variant(num_layers=1).build()
     preset = tmp_path / "tiny_opt"
     backbone.save_to_preset(str(preset))
     plan = plan_json(capsys, str(preset))

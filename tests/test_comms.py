@@ -6,19 +6,15 @@ import keras
 import numpy as np
 import pytest
 
-from keras_tensor_parallel import TensorParallelKeras, comms, zoo
+from keras_tensor_parallel import TensorParallelKeras, catalogue, comms
 from keras_tensor_parallel.backends import jax_fusion
+from keras_tensor_parallel.verify import build_pair
+
+OPT = catalogue.get("opt-125m:tiny")  # 2 blocks, hidden 64, vocab 1000
 
 
 def _opt(num_layers=2):
-    return zoo.opt(
-        vocabulary_size=1000,
-        num_layers=num_layers,
-        num_heads=4,
-        hidden_dim=64,
-        intermediate_dim=128,
-        max_sequence_length=32,
-    )
+    return OPT.variant(num_layers=num_layers).build()
 
 
 def test_parser_reads_tuple_all_reduce_and_metadata():
@@ -76,14 +72,13 @@ def _grads(model, x, scope=None):
 
 
 def test_fusion_keeps_forward_and_gradients():
-    reference, candidate, _ = zoo.build_pair(lambda: _opt(1))
+    reference, candidate, _ = build_pair(lambda: _opt(1))
     tp = TensorParallelKeras(candidate, world_size=2)
     assert any(
         getattr(layer, "_tp_fused", False)
         for layer in candidate._flatten_layers()
     )
-    x = zoo.get("opt-125m").inputs(2, 16, 0)
-    x["token_ids"] %= 1000
+    x = OPT.inputs(2, 16, 0)
     loss0, g0 = _grads(reference, x)
     loss1, g1 = _grads(candidate, x, tp.engine.scope())
     assert abs(float(loss0) - float(loss1)) <= 1e-4

@@ -12,46 +12,23 @@ import numpy as np
 import pytest
 from test_comms import _grads
 
-from keras_tensor_parallel import TensorParallelKeras, comms, zoo
+from keras_tensor_parallel import TensorParallelKeras, catalogue, comms
+from keras_tensor_parallel.verify import build_pair
 
-_SMALL = dict(
-    num_layers=2,
-    num_heads=4,
-    hidden_dim=64,
-    intermediate_dim=128,
-    max_sequence_length=32,
-)
-
-
-def _gemma(num_layers):
-    return zoo.gemma(
-        vocabulary_size=1000,
-        num_layers=num_layers,
-        num_query_heads=4,
-        num_key_value_heads=4,
-        hidden_dim=64,
-        intermediate_dim=128,
-        head_dim=16,
-    )
-
-
-BUILDERS = {
-    "opt": lambda: zoo.opt(vocabulary_size=1000, **_SMALL),
-    "gpt2": lambda: zoo.gpt2(vocabulary_size=1001, **_SMALL),
-    "bert": lambda: zoo.bert(vocabulary_size=1000, **_SMALL),
-    "roberta": lambda: zoo.roberta(vocabulary_size=1000, **_SMALL),
-    # Grouped-query attention (8 query heads, 4 key/value heads), SwiGLU.
-    "llama": lambda: zoo.llama(
-        vocabulary_size=1000,
-        num_layers=2,
-        num_query_heads=8,
-        num_key_value_heads=4,
-        hidden_dim=64,
-        intermediate_dim=128,
-    ),
-    # Heads lead the q/k/v kernels (`btd,ndh->btnh`), GeGLU.
-    "gemma": lambda: _gemma(2),
+# Every KerasHub family's tiny config: 2 blocks, hidden 64, vocab 1000
+# (GPT-2's odd 1001). Llama: grouped-query attention (8 query heads, 4
+# key/value heads), SwiGLU. Gemma: heads lead the q/k/v kernels
+# (`btd,ndh->btnh`), GeGLU; 4 key/value heads here, so that they split.
+GEMMA = catalogue.get("gemma-small:tiny").variant(num_key_value_heads=4)
+SPECS = {
+    "opt": catalogue.get("opt-125m:tiny"),
+    "gpt2": catalogue.get("gpt2:tiny"),
+    "bert": catalogue.get("bert-base:tiny"),
+    "roberta": catalogue.get("roberta-base:tiny"),
+    "llama": catalogue.get("llama-small:tiny"),
+    "gemma": GEMMA,
 }
+BUILDERS = {name: spec.build for name, spec in SPECS.items()}
 
 CASES = [(name, 2) for name in BUILDERS] + [(name, 4) for name in BUILDERS]
 
@@ -73,14 +50,13 @@ def test_train_step_is_megatron_minimum(name, n):
 def test_heads_first_kernel_fusion_keeps_gradients(n):
     # Gemma's q/k/v kernels are (heads, hidden, head_dim): the fused
     # backward moves the sharded heads dim first before reducing once.
-    reference, candidate, _ = zoo.build_pair(lambda: _gemma(1))
+    reference, candidate, _ = build_pair(GEMMA.variant(num_layers=1).build)
     tp = TensorParallelKeras(candidate, world_size=n)
     fused = [
         m for m in candidate._flatten_layers() if getattr(m, "_tp_fused", 0)
     ]
     assert {m.name for m in fused} >= {"query", "key", "value"}
-    x = zoo.get("gemma-small").inputs(2, 16, 0)
-    x["token_ids"] %= 1000
+    x = GEMMA.inputs(2, 16, 0)
     loss0, g0 = _grads(reference, x)
     loss1, g1 = _grads(candidate, x, tp.engine.scope())
     assert abs(float(loss0) - float(loss1)) <= 1e-4 * (1 + abs(float(loss0)))
@@ -98,14 +74,8 @@ def test_fewer_kv_heads_than_devices_gathers_no_weight():
     # and their Adam slots in shards and all-gathered them: 1.83x the
     # minimum bytes and a weight all-gather every step.
     keras.utils.set_random_seed(0)
-    model = zoo.llama(
-        vocabulary_size=1000,
-        num_layers=2,
-        num_query_heads=8,
-        num_key_value_heads=2,
-        hidden_dim=64,
-        intermediate_dim=128,
-    )
+    llama = catalogue.get("llama-small:tiny")
+    model = llama.variant(num_key_value_heads=2).build()
     report = comms.analyze(model, 4, batch_size=2, seq_len=16)
     assert not report.has_weight_gather, report.table()
     # The extra bytes are the k/v activation-gradient reductions.

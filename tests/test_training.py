@@ -1,7 +1,7 @@
 """Issue 3: training under tensor parallelism matches a single device.
 
 Every comparison builds the single-device reference independently
-(`zoo.build_pair`) and compares numbers; nothing is compared with itself.
+(`verify.build_pair`) and compares numbers; nothing is compared with itself.
 """
 
 import os
@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_tensor_parallel import zoo
+from keras_tensor_parallel import catalogue
 from keras_tensor_parallel.verify import (
     causal_lm,
     compare_gradients,
@@ -23,18 +23,15 @@ from keras_tensor_parallel.verify import (
     stdlib_corpus,
 )
 
-SMALL = dict(
-    num_layers=2,
-    num_heads=4,
-    hidden_dim=64,
-    intermediate_dim=128,
-    max_sequence_length=64,
-)
+OPT = catalogue.get("opt-125m:tiny")  # 2 blocks, hidden 64, vocab 1000
+GPT2 = catalogue.get("gpt2:tiny")  # vocab 1001: odd, as GPT-2's 50257
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def small_lm(dropout=0.0):
-    return causal_lm(zoo.opt(vocabulary_size=256, dropout=dropout, **SMALL))
+    # Byte-level: a vocabulary of 256.
+    spec = OPT.variant(vocabulary_size=256, dropout=dropout)
+    return causal_lm(spec.build())
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +63,10 @@ def train(batches, optimizer_fn, world_size=2, **kw):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_gradients_opt_lm(world_size):
-    x = zoo.get("opt-125m").inputs(batch=2, seq=16)
-    x["token_ids"] %= 1000
     check = compare_gradients(
-        lambda: causal_lm(zoo.opt(vocabulary_size=1000, **SMALL)),
+        lambda: causal_lm(OPT.build()),
         world_size,
-        inputs=x,
+        inputs=OPT.inputs(batch=2, seq=16),
     )
     assert check.passed, check.detail["worst_variable"]
     assert len(check.detail["per_variable"]) > 20
@@ -82,12 +77,10 @@ def test_gradients_opt_lm(world_size):
 def test_gradients_gpt2_odd_vocab_padded(world_size):
     # 1001 does not divide by 2 or 4: the table is stored padded and the
     # gathered gradient is compared on the logical rows.
-    x = zoo.get("gpt2").inputs(batch=2, seq=16)
-    x["token_ids"] %= 1001
     check = compare_gradients(
-        lambda: causal_lm(zoo.gpt2(vocabulary_size=1001, **SMALL)),
+        lambda: causal_lm(GPT2.build()),
         world_size,
-        inputs=x,
+        inputs=GPT2.inputs(batch=2, seq=16),
     )
     assert check.passed, check.detail["worst_variable"]
     assert "token_embedding/embeddings" in check.detail["per_variable"]
@@ -120,7 +113,7 @@ def test_optimizer_steps_match(batches, name):
 
 @pytest.mark.parametrize("name", ["seed-mlp", "seed-einsum"])
 def test_lion_steps_match(name):
-    entry = zoo.get(name)
+    entry = catalogue.get(name)
     x = entry.inputs(40, 0, 1)
     y = np.random.RandomState(2).randn(40, entry.build().output_shape[-1])
     result = compare_training(
@@ -188,6 +181,17 @@ def test_dropout_draws_same_masks(batches):
 # Precision ------------------------------------------------------------------
 
 
+def _rerun_with_x64(test_id: str) -> None:
+    env = dict(os.environ, JAX_ENABLE_X64="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::{test_id}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("name", ["seed-mlp", "seed-einsum"])
 def test_float64_agrees_to_1e12(name, world_size):
@@ -204,27 +208,9 @@ def test_float64_agrees_to_1e12(name, world_size):
     if not jax.config.jax_enable_x64:
         # x64 is a process-wide JAX switch: prove float64 in a fresh process
         # with it on (without it JAX silently computes in float32).
-        env = dict(os.environ, JAX_ENABLE_X64="1")
-        test = f"{__file__}::test_float64_agrees_to_1e12[{name}-{world_size}]"
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                test,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        assert "1 passed" in done.stdout
+        _rerun_with_x64(f"test_float64_agrees_to_1e12[{name}-{world_size}]")
         return
-    entry = zoo.get(name)
+    entry = catalogue.get(name)
     x = entry.inputs(16, 0, 1).astype("float64")
     y = np.random.RandomState(2).randn(16, entry.build().output_shape[-1])
     assert x.dtype == y.dtype == np.float64
@@ -272,9 +258,7 @@ def test_mixed_bfloat16_within_bf16_tolerance(batches):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_memory_small_model_at_ideal(world_size):
-    check = memory_check(
-        lambda: zoo.opt(vocabulary_size=1000, **SMALL), world_size
-    )
+    check = memory_check(OPT.build, world_size)
     assert check.passed, check.detail
     assert check.detail["ideal_fraction"] < 0.5 + 0.5 / world_size
 
@@ -284,7 +268,8 @@ def test_memory_small_model_at_ideal(world_size):
     "world_size, megatron_ideal", [(2, 0.5065), (4, 0.2598)]
 )
 def test_memory_opt125m_adam(world_size, megatron_ideal):
-    check = memory_check(zoo.opt, world_size, optimizer="adam")
+    opt_125m = catalogue.get("opt-125m").build
+    check = memory_check(opt_125m, world_size, optimizer="adam")
     assert abs(check.detail["ideal_fraction"] - megatron_ideal) < 5e-4
     assert check.value <= megatron_ideal * 1.01, check.detail
 
@@ -319,7 +304,7 @@ def _mlp_run(world_size):
     x = rng.randn(16, 64).astype("float32")
     y = rng.randn(16, 32).astype("float32")
     return compare_training(
-        zoo.seed_mlp,
+        catalogue.seed_mlp,
         world_size,
         inputs=x,
         targets=y,
@@ -362,7 +347,7 @@ def test_models_back_to_back_in_both_orders(batches):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, world_size", [("opt-125m", 2), ("gpt2", 4)])
 def test_gradients_full_size(name, world_size):
-    entry = zoo.get(name)
+    entry = catalogue.get(name)
     check = compare_gradients(
         entry.build, world_size, inputs=entry.inputs(batch=1, seq=8)
     )

@@ -41,7 +41,7 @@ def example_inputs(model, *, batch_size: int = 2, seq_len: int = 16):
             return np.ones(shape, keras.backend.standardize_dtype(t.dtype))
         return rng.randn(*shape).astype("float32")
 
-    return tree.map_structure(make, model.input)
+    return tree.map_structure(make, _structure(model, "input"))
 
 
 def example_targets(model, *, batch_size: int = 2, seq_len: int = 16):
@@ -53,7 +53,17 @@ def example_targets(model, *, batch_size: int = 2, seq_len: int = 16):
         ]
         return np.zeros(shape, keras.backend.standardize_dtype(t.dtype))
 
-    return tree.map_structure(make, model.output)
+    return tree.map_structure(make, _structure(model, "output"))
+
+
+def _structure(model, which: str):
+    """`model.input` / `model.output`: the nested structure. A Sequential
+    that was never called has none, only its flat `inputs` / `outputs`."""
+    try:
+        return getattr(model, which)
+    except AttributeError:
+        flat = getattr(model, which + "s")
+        return flat[0] if len(flat) == 1 else flat
 
 
 def default_loss(y):

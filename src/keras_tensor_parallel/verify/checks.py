@@ -7,16 +7,14 @@ Every check returns a `Check`; the CLI renders them and tests assert
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_tensor_parallel import zoo
+from keras_tensor_parallel.verify.pairs import build_tp_pair, require_jax
 
 
 @dataclasses.dataclass
@@ -29,6 +27,8 @@ class Check:
         value: The measured figure (e.g. worst scaled max abs diff).
         threshold: The bound it had to meet.
         detail: Per-variable figures and context, JSON-friendly.
+        skipped: Nothing to check (e.g. no variable is split at this
+            world size); reported as "n/a", never as a failure.
     """
 
     name: str
@@ -36,52 +36,18 @@ class Check:
     value: float
     threshold: float
     detail: dict = dataclasses.field(default_factory=dict)
+    skipped: bool = False
 
     @classmethod
     def of(cls, name, value, threshold, detail=None) -> Check:
         value = float(value)
         return cls(name, value <= threshold, value, threshold, detail or {})
 
-
-# Building a pair ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def dtype_policy_scope(policy):
-    """Set the global Keras dtype policy for the block (None: unchanged)."""
-    if policy is None:
-        yield
-        return
-    old, old_floatx = keras.config.dtype_policy(), keras.config.floatx()
-    keras.config.set_dtype_policy(policy)
-    if policy == "float64":
-        keras.config.set_floatx("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(old)
-        keras.config.set_floatx(old_floatx)
-
-
-def build_tp_pair(
-    model_fn: Callable[[], keras.Model],
-    world_size: int,
-    *,
-    seed: int = 0,
-    dtype_policy=None,
-):
-    """`(reference, tp)`: a single-device model and an independently built
-    `TensorParallelKeras` with the same weights and RNG seed state."""
-    from keras_tensor_parallel.model import TensorParallelKeras
-
-    with dtype_policy_scope(dtype_policy):
-        reference, candidate, _ = zoo.build_pair(model_fn, seed=seed)
-    # Seed-generator states are not weights; copy them so dropout matches.
-    for ref_v, cand_v in zip(reference.variables, candidate.variables):
-        if ref_v.path.endswith("seed_generator_state"):
-            cand_v.assign(np.array(ref_v.value))
-    tp = TensorParallelKeras(candidate, world_size=world_size)
-    return reference, tp
+    @classmethod
+    def not_applicable(cls, name: str, reason: str, detail=None) -> Check:
+        """A check with nothing to check; `detail["reason"]` says why."""
+        detail = {**(detail or {}), "reason": reason}
+        return cls(name, True, 0.0, 0.0, detail, skipped=True)
 
 
 def logical(array, shape) -> np.ndarray:
@@ -121,8 +87,8 @@ def compare_forward(
     Example:
 
     ```python
-    x = zoo.get("opt-125m").inputs(batch=2, seq=16)
-    check = compare_forward(lambda: zoo.opt(num_layers=2), 2, inputs=x)
+    spec = catalogue.get("opt-125m:tiny")
+    check = compare_forward(spec.build, 2, inputs=spec.inputs(2, 16))
     ```
     """
     reference, tp = build_tp_pair(model_fn, world_size, seed=seed)
@@ -180,8 +146,8 @@ def compare_gradients(
     Example:
 
     ```python
-    x = zoo.get("gpt2").inputs(batch=2, seq=16)
-    check = compare_gradients(lambda: zoo.gpt2(num_layers=2), 2, inputs=x)
+    spec = catalogue.get("gpt2:tiny")
+    check = compare_gradients(spec.build, 2, inputs=spec.inputs(2, 16))
     assert check.passed
     ```
     """
@@ -240,48 +206,27 @@ def memory_check(
     Example:
 
     ```python
-    check = memory_check(lambda: zoo.opt(num_layers=2), 2)
+    check = memory_check(catalogue.get("opt-125m:tiny").build, 2)
     print(check.detail["measured_fraction"], check.detail["ideal_fraction"])
     ```
     """
-    from keras_tensor_parallel.backends import jax as engine_lib
     from keras_tensor_parallel.model import TensorParallelKeras
 
+    require_jax("The memory check")
     keras.utils.set_random_seed(seed)
     model = model_fn()
-    params = list(model.trainable_variables)
-    single_opt = keras.optimizers.get(optimizer)
-    single_opt.build(params)
-    single_params_bytes = _nbytes(params)
-    single_opt_bytes = _nbytes(single_opt.variables)
-    single = single_params_bytes + single_opt_bytes
-    del single_opt
-
-    sizes = {v.path: _nbytes([v]) for v in params}
+    single = _single_device_bytes(model, optimizer)
     tp = TensorParallelKeras(model, world_size=world_size)
-    sharded = {e.path for e in tp.plan if any(e.axes)}
-    param_ideal = sum(
-        size / world_size if path in sharded else size
-        for path, size in sizes.items()
-    )
     opt = keras.optimizers.get(optimizer)
     with tp.engine.scope():
         opt.build(tp.trainable_variables)
-    engine_lib.place_state(opt.variables, tp.engine.mesh, tp.engine._references)
-    slot_ideal = 0.0
-    by_key = {p.replace("/", "_"): p for p in sizes}
-    for v in opt.variables:
-        size = _nbytes([v])
-        ref = _slot_reference(v, by_key)
-        same = ref is not None and v.shape == tuple(
-            engine_lib.logical_shape(_var(tp, ref))
-        )
-        slot_ideal += size / world_size if same and ref in sharded else size
-    ideal_fraction = (param_ideal + slot_ideal) / single
-    p_dev = engine_lib.per_device_bytes(tp.trainable_variables)
-    o_dev = engine_lib.per_device_bytes(opt.variables)
+    tp.engine.place_state(opt.variables)
+    ideal = _ideal_bytes(tp, opt.variables, world_size)
+    p_dev = tp.engine.per_device_bytes(tp.trainable_variables)
+    o_dev = tp.engine.per_device_bytes(opt.variables)
     totals = {d: p_dev.get(d, 0) + o_dev.get(d, 0) for d in p_dev}
-    measured = max(totals.values()) / single
+    measured = max(totals.values()) / single["total"]
+    ideal_fraction = ideal / single["total"]
     return Check.of(
         "memory",
         measured,
@@ -291,28 +236,42 @@ def memory_check(
             "optimizer": str(optimizer),
             "per_device_params_bytes": p_dev,
             "per_device_optimizer_bytes": o_dev,
-            "single_device_params_bytes": single_params_bytes,
-            "single_device_optimizer_bytes": single_opt_bytes,
-            "single_device_bytes": single,
+            "single_device_params_bytes": single["params"],
+            "single_device_optimizer_bytes": single["optimizer"],
+            "single_device_bytes": single["total"],
             "ideal_fraction": ideal_fraction,
             "measured_fraction": measured,
         },
     )
 
 
-def _slot_reference(v, by_key):
-    name = v.path.split("/")[-1]
-    best = None
-    for key, path in by_key.items():
-        if name.startswith(key + "_") and (
-            best is None or len(key) > len(best[0])
-        ):
-            best = (key, path)
-    return None if best is None else best[1]
+def _single_device_bytes(model, optimizer) -> dict:
+    params = list(model.trainable_variables)
+    opt = keras.optimizers.get(optimizer)
+    opt.build(params)
+    out = {"params": _nbytes(params), "optimizer": _nbytes(opt.variables)}
+    out["total"] = out["params"] + out["optimizer"]
+    return out
 
 
-def _var(tp, path):
-    for v in tp.trainable_variables:
-        if v.path == path:
-            return v
-    raise KeyError(path)
+def _ideal_bytes(tp, slots, world_size: int) -> float:
+    """Megatron's ideal: split variables and their same-shape slots divided
+    by N, everything else whole (logical shapes: no vocab padding)."""
+    from keras_tensor_parallel.backends.base import slot_owner
+
+    plan = {e.path: e for e in tp.plan}
+    params = list(tp.trainable_variables)
+
+    def ideal(path, shape, dtype) -> float:
+        size = float(np.prod(shape)) * np.dtype(dtype).itemsize
+        return size / world_size if plan[path].is_split else size
+
+    total = sum(ideal(v.path, plan[v.path].shape, v.dtype) for v in params)
+    for slot in slots:
+        owner = slot_owner(slot, params)
+        entry = plan[owner.path] if owner is not None else None
+        if entry and tuple(slot.shape) in (entry.shape, entry.storage_shape):
+            total += ideal(owner.path, slot.shape, slot.dtype)
+        else:
+            total += _nbytes([slot])
+    return total

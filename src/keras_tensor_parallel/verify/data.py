@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-VOCAB_SIZE = 256
-
 
 def stdlib_corpus(max_bytes: int | None = None) -> bytes:
     """The stdlib's top-level `.py` files, concatenated in sorted order.

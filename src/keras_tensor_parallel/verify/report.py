@@ -28,6 +28,8 @@ class CheckRow:
         detail: Extra data (per-variable diffs, bytes per device...).
         note: A line for the report (e.g. the model actually used).
         error: Set when the check could not run.
+        skipped: Nothing to check (e.g. nothing split at this world size):
+            shown as "n/a", counts as passed.
     """
 
     name: str
@@ -39,6 +41,16 @@ class CheckRow:
     detail: dict = dataclasses.field(default_factory=dict)
     note: str = ""
     error: str = ""
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        """`PASS`, `FAIL`, `ERROR` (could not run) or `n/a`."""
+        if self.skipped:
+            return "n/a"
+        if self.passed:
+            return "PASS"
+        return "ERROR" if self.error else "FAIL"
 
     def to_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
@@ -54,6 +66,20 @@ def row_from_result(
     value = _float(getattr(result, "value", None))
     threshold = _float(getattr(result, "threshold", None))
     passed = bool(getattr(result, "passed", False))
+    skipped = bool(getattr(result, "skipped", False))
+    detail = dict(getattr(result, "detail", {}) or {})
+    if skipped:
+        return CheckRow(
+            name=str(getattr(result, "name", "check")),
+            passed=True,
+            value=None,
+            threshold=None,
+            metric=metric,
+            seconds=round(seconds, 2),
+            detail=detail,
+            note=str(detail.get("reason", "nothing to check")),
+            skipped=True,
+        )
     if tolerance is not None and value is not None:
         threshold = float(tolerance)
         passed = value <= threshold
@@ -64,7 +90,7 @@ def row_from_result(
         threshold=threshold,
         metric=metric,
         seconds=round(seconds, 2),
-        detail=dict(getattr(result, "detail", {}) or {}),
+        detail=detail,
         note=note,
     )
 
@@ -94,14 +120,13 @@ def summary_rows(rows: list[CheckRow]) -> list[tuple[str, ...]]:
     """(check, status, measured, threshold, metric, seconds) per row."""
     out = []
     for r in rows:
-        status = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
         out.append(
             (
                 r.name,
-                status,
+                r.status,
                 fmt(r.value),
                 ("<= " + fmt(r.threshold)) if r.threshold is not None else "-",
-                r.error or r.metric,
+                r.error or (r.note if r.skipped else r.metric),
                 f"{r.seconds:.1f}",
             )
         )
@@ -109,6 +134,7 @@ def summary_rows(rows: list[CheckRow]) -> list[tuple[str, ...]]:
 
 
 SUMMARY_HEADER = ("check", "result", "measured", "threshold", "what", "s")
+STATUS_COLORS = {"PASS": "green", "FAIL": "red", "ERROR": "red", "n/a": "dim"}
 
 
 def rich_table(rows: list[CheckRow], *, title: str = ""):
@@ -116,14 +142,18 @@ def rich_table(rows: list[CheckRow], *, title: str = ""):
     from rich.table import Table
 
     table = Table(title=title or None)
-    for h in ("check", "result", "measured", "threshold", "s", "error"):
+    for h in ("check", "result", "measured", "threshold", "s", "note"):
         table.add_column(
             h, justify="right" if h in ("measured", "s") else "left"
         )
     for r, cells in zip(rows, summary_rows(rows)):
-        color = {"PASS": "green", "FAIL": "red", "ERROR": "red"}[cells[1]]
+        color = STATUS_COLORS[cells[1]]
         table.add_row(
-            cells[0], f"[{color}]{cells[1]}[/]", *cells[2:4], cells[5], r.error
+            cells[0],
+            f"[{color}]{cells[1]}[/]",
+            *cells[2:4],
+            cells[5],
+            r.error or (r.note if r.skipped else ""),
         )
     return table
 
@@ -238,13 +268,33 @@ def memory_breakdown(detail: dict) -> tuple[dict, dict]:
 def render_markdown(report: dict) -> str:
     """The report as Markdown (the PNGs linked by relative path)."""
     checks = [CheckRow(**c) for c in report["checks"]]
+    lines = _markdown_head(report, checks)
+    for c in checks:
+        if c.note:
+            lines.append(f"- **{c.name}**: {c.note}")
+    lines.append("")
+    lines += _markdown_plots(report)
+    if report.get("plan_summary"):
+        lines += ["## Sharding plan", "", "```"]
+        lines += report["plan_summary"]
+        lines += ["```", "", "Full plan: `keras-tp plan "
+                  f"{report['model']} --world-size {report['world_size']}`.",
+                  ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _markdown_head(report: dict, checks: list[CheckRow]) -> list[str]:
     ok = all(c.passed for c in checks)
-    n = report["world_size"]
+    skipped = sum(c.skipped for c in checks)
+    passed = sum(c.passed and not c.skipped for c in checks)
+    counted = f"{passed}/{len(checks) - skipped} checks passed"
+    if skipped:
+        counted += f", {skipped} with nothing to check (n/a)"
     lines = [
-        f"# keras-tp verify: {report['model']}, world size {n}",
+        f"# keras-tp verify: {report['model']}, world size "
+        f"{report['world_size']}",
         "",
-        f"**Result: {'all checks passed' if ok else 'FAILED'}** "
-        f"({sum(c.passed for c in checks)}/{len(checks)} checks passed).",
+        f"**Result: {'all checks passed' if ok else 'FAILED'}** ({counted}).",
         "",
         f"- model: {report.get('description', report['model'])}",
         f"- backend: {report.get('backend', 'jax')} on "
@@ -258,7 +308,7 @@ def render_markdown(report: dict) -> str:
             f"- **every threshold was replaced by --tolerance "
             f"{report['tolerance']}**"
         )
-    lines += [
+    return lines + [
         "",
         "## Checks",
         "",
@@ -267,11 +317,21 @@ def render_markdown(report: dict) -> str:
         "A check passes when the measured figure is at or below its threshold.",
         "",
     ]
-    for c in checks:
-        if c.note:
-            lines.append(f"- **{c.name}**: {c.note}")
-    lines.append("")
+
+
+_PLOT_SECTIONS = (
+    ("memory", "Memory per device", "memory per device",
+     "Parameters and optimizer state actually held by each device "
+     "(from the shards), against the whole model on one device."),
+    ("grad_diffs", "Gradient differences", "gradient differences",
+     "Largest absolute difference between the TP gradient and the "
+     "single-device gradient, one count per variable."),
+)  # fmt: skip
+
+
+def _markdown_plots(report: dict) -> list[str]:
     plots_ = report.get("plots", {})
+    lines = []
     if "loss_curves" in plots_:
         lines += [
             "## Training on real text",
@@ -281,32 +341,11 @@ def render_markdown(report: dict) -> str:
             f"![loss curves]({plots_['loss_curves']})",
             "",
         ]
-    if "memory" in plots_:
-        lines += [
-            "## Memory per device",
-            "",
-            "Parameters and optimizer state actually held by each device "
-            "(from the shards), against the whole model on one device.",
-            "",
-            f"![memory per device]({plots_['memory']})",
-            "",
-        ]
-    if "grad_diffs" in plots_:
-        lines += [
-            "## Gradient differences",
-            "",
-            "Largest absolute difference between the TP gradient and the "
-            "single-device gradient, one count per variable.",
-            "",
-            f"![gradient differences]({plots_['grad_diffs']})",
-            "",
-        ]
-    if report.get("plan_summary"):
-        lines += ["## Sharding plan", "", "```"]
-        lines += report["plan_summary"]
-        lines += ["```", "", "Full plan: `keras-tp plan "
-                  f"{report['model']} --world-size {n}`.", ""]  # fmt: skip
-    return "\n".join(lines)
+    for key, title, alt, text in _PLOT_SECTIONS:
+        if key in plots_:
+            lines += [f"## {title}", "", text, "", f"![{alt}]({plots_[key]})"]
+            lines.append("")
+    return lines
 
 
 def _training_text(training: dict) -> str:

@@ -9,13 +9,13 @@ import dataclasses
 import time
 
 from keras_tensor_parallel.verify.report import (
+    STATUS_COLORS,
     CheckRow,
     failed_row,
     fmt,
     row_from_result,
 )
 
-CHECK_NAMES = ("forward", "gradients", "memory", "training")
 _METRICS = {
     "forward": "max |out diff| / max(1, max |out|)",
     "gradients": "worst variable: max |grad diff| / max(1, max |grad|)",
@@ -47,8 +47,10 @@ class ConsoleProgress:
         if self._status is not None:
             self._status.stop()
         for r in rows:
-            status = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
+            status = f"[{STATUS_COLORS[r.status]}]{r.status}[/]"
             figure = r.error or f"{fmt(r.value)} <= {fmt(r.threshold)}"
+            if r.skipped:
+                figure = r.note
             self.console.print(
                 f"{self._prefix} {r.name:<16} {status}  {figure}  "
                 f"({r.seconds:.1f} s)"
@@ -75,147 +77,167 @@ def run_checks(
     progress=None,
 ) -> VerifyResult:
     """Forward, gradients, memory and training checks of `spec` (a
-    `models.ModelSpec`) at `world_size` against one device."""
+    `catalogue.ModelSpec`) at `world_size` against one device.
 
+    A check that raises becomes an ERROR row; the others still run.
+
+    Example:
+
+    ```python
+    result = run_checks(catalogue.get("seed-mlp"), 2, steps=2,
+                        batch_size=2, seq_len=8)
+    assert all(r.passed for r in result.rows)
+    ```
+    """
     from keras_tensor_parallel.verify import checks
+    from keras_tensor_parallel.verify.pairs import require_jax
 
+    require_jax("keras-tp verify")
     x = spec.inputs(batch_size, seq_len, seed)
-    rows: list[CheckRow] = []
-    training_data = None
-    plan_summary: list = []
     jobs = [
-        ("forward", lambda: checks.compare_forward(
-            spec.build, world_size, inputs=x, seed=seed)),
-        ("gradients", lambda: checks.compare_gradients(
-            spec.build, world_size, inputs=x, seed=seed)),
-        ("memory", lambda: checks.memory_check(
-            spec.build, world_size, seed=seed)),
+        ("forward", lambda: [checks.compare_forward(
+            spec.build, world_size, inputs=x, seed=seed)]),
+        ("gradients", lambda: [checks.compare_gradients(
+            spec.build, world_size, inputs=x, seed=seed)]),
+        ("memory", lambda: [checks.memory_check(
+            spec.build, world_size, seed=seed)]),
     ]  # fmt: skip
-    total = len(jobs) + 1
-    for i, (name, job) in enumerate(jobs, 1):
-        if progress:
-            progress.start(i, total, name)
-        t0 = time.time()
-        try:
-            row = row_from_result(
-                job(),
-                seconds=time.time() - t0,
-                metric=_METRICS[name],
-                tolerance=tolerance,
-            )
-        except Exception as e:  # noqa: BLE001 - a failed check, reported
-            row = failed_row(name, _one_line(e), seconds=time.time() - t0)
-        rows.append(row)
-        if progress:
-            progress.done([row])
-    if progress:
-        progress.start(total, total, "training")
-    t0 = time.time()
-    try:
-        train_rows, training_data = _training_rows(
+    training: dict = {}
+
+    def train_job():
+        result, training["data"] = _training(
             spec, world_size, steps=steps, batch_size=batch_size,
             seq_len=seq_len, seed=seed, train_model=train_model,
-            tolerance=tolerance,
         )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - a failed check, reported
-        train_rows = [
-            failed_row("training", _one_line(e), seconds=time.time() - t0)
-        ]
-    for r in train_rows:
-        r.seconds = round((time.time() - t0) / len(train_rows), 2)
-    rows += train_rows
-    if progress:
-        progress.done(train_rows)
+        return result.checks
+
+    jobs.append(("training", train_job))
+    rows: list[CheckRow] = []
+    for i, (name, job) in enumerate(jobs, 1):
+        if progress:
+            progress.start(i, len(jobs), name)
+        new = _run_job(name, job, tolerance, training)
+        rows += new
+        if progress:
+            progress.done(new)
+    return VerifyResult(
+        rows, training.get("data"), _plan_summary(spec, world_size, seed)
+    )
+
+
+def _run_job(name, job, tolerance, training) -> list[CheckRow]:
+    """The rows of one job (several for training), or one ERROR row."""
+    t0 = time.time()
     try:
-        plan_summary = _plan_summary(spec, world_size, seed)
-    except Exception:  # noqa: BLE001 - the plan is context, not a check
-        plan_summary = []
-    return VerifyResult(rows, training_data, plan_summary)
+        results = job()
+    except Exception as e:  # noqa: BLE001 - a failed check, reported
+        return [failed_row(name, _one_line(e), seconds=time.time() - t0)]
+    seconds = (time.time() - t0) / len(results)
+    rows = []
+    for result in results:
+        note = ""
+        if result.name == "loss_per_step":
+            note = training["data"]["note"]
+        row = row_from_result(
+            result,
+            seconds=seconds,
+            metric=_METRICS.get(result.name, ""),
+            tolerance=tolerance,
+            note=note,
+        )
+        row.name = _ROW_NAMES.get(result.name, result.name)
+        if name == "training":
+            row.detail = {}  # per-variable figures stay out of the table
+        rows.append(row)
+    return rows
 
 
-def _training_rows(
-    spec, world_size, *, steps, batch_size, seq_len, seed, train_model,
-    tolerance,
+def _training(
+    spec, world_size, *, steps, batch_size, seq_len, seed, train_model
 ):  # fmt: skip
+    """The paired training run: a causal LM on real text when `spec` is
+    one, else regression to random targets; `(comparison, report data)`."""
     import keras
-    import numpy as np
 
-    from keras_tensor_parallel import models
-    from keras_tensor_parallel.verify import data, training
+    from keras_tensor_parallel.verify import training
 
     if spec.causal_lm:
-        build, description = models.pick_builder(spec, train_model)
-        text = data.stdlib_corpus(max_bytes=2_000_000)
-        x, y = data.lm_batches(
-            text, batch_size=batch_size, seq_len=seq_len, steps=steps,
-            seed=seed,
+        trained, build, x, y = _lm_case(
+            spec, train_model, steps=steps, batch_size=batch_size,
+            seq_len=seq_len, seed=seed,
         )  # fmt: skip
-        result = training.compare_training(
-            lambda: training.causal_lm(build()),
-            world_size,
-            inputs=training.lm_inputs(x),
-            targets=y,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-        )
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         source = "the Python standard library's source (bytes)"
-        note = f"causal LM on {source}; model: {description}"
+        note = f"causal LM on {source}; model: {trained.description}"
     else:
-        keras.utils.set_random_seed(seed)
-        probe = spec.build()
-        x = spec.inputs(steps * batch_size, seq_len, seed)
-        out = probe(x)
-        if not hasattr(out, "shape"):
-            raise ValueError(
-                "not a causal LM and several outputs: no training check"
-            )
-        rng = np.random.RandomState(seed + 1)
-        y = rng.randn(*out.shape).astype("float32")
-        result = training.compare_training(
-            spec.build, world_size, inputs=x, targets=y,
-            loss=keras.losses.MeanSquaredError(),
-            optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
-            steps=steps, batch_size=batch_size, seed=seed,
-        )  # fmt: skip
+        trained, build = spec, spec.build
+        x, y = _regression_case(spec, steps * batch_size, seq_len, seed)
+        loss = keras.losses.MeanSquaredError()
         source = "random regression targets (mse)"
-        description = spec.description
         note = f"not a token LM: {source}"
-    rows = []
-    for check in result.checks:
-        row = row_from_result(
-            check,
-            seconds=0.0,
-            metric=_METRICS.get(check.name, ""),
-            tolerance=tolerance,
-            note=note if check.name == "loss_per_step" else "",
-        )
-        row.name = _ROW_NAMES.get(check.name, check.name)
-        row.detail = {}  # per-variable figures stay out of the table
-        rows.append(row)
-    training_data = {
+    result = training.compare_training(
+        build, world_size, inputs=x, targets=y, loss=loss,
+        optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
+        steps=steps, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    return result, {
         "losses_single": [float(v) for v in result.losses_single],
         "losses_tp": [float(v) for v in result.losses_tp],
         "max_loss_rel_diff": float(result.max_loss_rel_diff),
         "max_weight_rel_diff": float(result.max_weight_rel_diff),
-        "model": description,
+        "model": trained.description,
         "data": source,
+        "note": note,
         "steps": steps,
         "batch_size": batch_size,
         "seq_len": seq_len,
     }
-    return rows, training_data
+
+
+def _lm_case(spec, size, *, steps, batch_size, seq_len, seed):
+    """`(spec trained, builder of a logits model, inputs, next-token
+    targets)`: byte windows of the standard library's sources."""
+    from keras_tensor_parallel import catalogue
+    from keras_tensor_parallel.verify import data
+
+    trained = catalogue.sized(spec, size)
+    text = data.stdlib_corpus(max_bytes=2_000_000)
+    x, y = data.lm_batches(
+        text, batch_size=batch_size, seq_len=seq_len, steps=steps, seed=seed
+    )
+    if trained.vocab < 256:  # bytes are token ids: fold into the vocab
+        x, y = x % trained.vocab, y % trained.vocab
+    build = catalogue.lm_builder(trained)
+    return trained, build, catalogue.lm_inputs(x), y
+
+
+def _regression_case(spec, rows: int, seq_len: int, seed: int):
+    """Inputs and random float targets shaped like the model's output."""
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    x = spec.inputs(rows, seq_len, seed)
+    out = spec.build()(x)
+    if not hasattr(out, "shape"):
+        raise ValueError(
+            "not a causal LM and several outputs: no training check"
+        )
+    rng = np.random.RandomState(seed + 1)
+    return x, rng.randn(*out.shape).astype("float32")
 
 
 def _plan_summary(spec, world_size, seed) -> list:
+    """The plan's summary lines (context for the report, not a check)."""
     import keras
 
     from keras_tensor_parallel.plan import plan_model
 
     keras.utils.set_random_seed(seed)
-    return plan_model(spec.build(), world_size).summary_lines()
+    try:
+        return plan_model(spec.build(), world_size).summary_lines()
+    except Exception:  # noqa: BLE001 - the checks already report errors
+        return []
 
 
 def _one_line(e: Exception) -> str:

@@ -10,61 +10,24 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_tensor_parallel.backends import jax as engine_lib
+from keras_tensor_parallel.catalogue.lm import causal_lm, lm_inputs
 from keras_tensor_parallel.verify.checks import (
     Check,
-    build_tp_pair,
-    dtype_policy_scope,
     logical,
     model_gradients,
     scaled_diffs,
 )
+from keras_tensor_parallel.verify.pairs import build_tp_pair, dtype_policy_scope
 
-_CAUSAL_LM = {
-    "OPTBackbone": "OPTCausalLM",
-    "GPT2Backbone": "GPT2CausalLM",
-    "LlamaBackbone": "LlamaCausalLM",
-    "GemmaBackbone": "GemmaCausalLM",
-}
-
-
-def causal_lm(backbone) -> keras.Model:
-    """A model whose output is next-token logits over the vocabulary.
-
-    KerasHub backbones with a CausalLM task get that task (no
-    preprocessor); any other backbone with a reversible `token_embedding`
-    gets a functional head tying the embedding.
-
-    Example:
-
-    ```python
-    lm = causal_lm(zoo.opt(vocabulary_size=256, num_layers=2))
-    ```
-    """
-    import keras_hub
-
-    task = _CAUSAL_LM.get(type(backbone).__name__)
-    if task is not None:
-        return getattr(keras_hub.models, task)(
-            backbone=backbone, preprocessor=None
-        )
-    embedding = getattr(backbone, "token_embedding", None)
-    if embedding is None:
-        raise ValueError(
-            "causal_lm needs a backbone with a `token_embedding`. "
-            f"Received: {type(backbone).__name__}"
-        )
-    outputs = embedding(backbone(backbone.input), reverse=True)
-    return keras.Model(backbone.input, outputs, name="causal_lm")
-
-
-def lm_inputs(token_ids) -> dict:
-    """Backbone inputs for a batch of token ids (no padding)."""
-    token_ids = np.asarray(token_ids, dtype="int32")
-    return {
-        "token_ids": token_ids,
-        "padding_mask": np.ones_like(token_ids),
-    }
+__all__ = [
+    "TrainingComparison",
+    "causal_lm",
+    "compare_training",
+    "lm_inputs",
+    "null_gradient_variables",
+    "run_steps",
+    "slot_sharding",
+]
 
 
 @dataclasses.dataclass
@@ -112,6 +75,14 @@ def _num_rows(x) -> int:
     return len(x)
 
 
+def _check_rows(inputs, rows: int) -> None:
+    if _num_rows(inputs) < rows:
+        raise ValueError(
+            f"inputs need steps * batch_size = {rows} rows. "
+            f"Received: {_num_rows(inputs)}"
+        )
+
+
 def run_steps(model, inputs, targets, *, steps, batch_size) -> list:
     """`steps` calls of `train_on_batch`; the per-step losses."""
     losses = []
@@ -124,31 +95,55 @@ def run_steps(model, inputs, targets, *, steps, batch_size) -> list:
     return losses
 
 
-def _compile(model, optimizer, loss) -> None:
+def _compile(model, optimizer, loss):
     # keras.Model.compile, not a KerasHub Task's (which adds metrics).
     keras.Model.compile(model, optimizer=optimizer, loss=loss)
+    return model
 
 
 def slot_sharding(tp) -> dict:
-    """Compare each optimizer slot's shard shapes with its parameter's."""
-    params = {v.path.replace("/", "_"): v for v in tp.wrapped_model.variables}
-    checked, sharded, mismatched = 0, 0, []
+    """Compare each optimizer slot's shard shapes with its parameter's.
+
+    Returns:
+        `{"checked", "sharded", "mismatched", "split_params"}`: slots shaped
+        like their parameter, those of them split, the paths of those
+        whose shards differ from their parameter's, and how many of those
+        parameters are split at all.
+    """
+    from keras_tensor_parallel.backends.base import slot_owner
+
+    params = list(tp.wrapped_model.variables)
+    checked, sharded, split, mismatched = 0, 0, set(), []
     for slot in tp.optimizer.variables:
-        name = slot.path.split("/")[-1]
-        keys = [k for k in params if name.startswith(k + "_")]
-        if not keys:
-            continue
-        param = params[max(keys, key=len)]
-        if tuple(slot.shape) != tuple(param.shape):
+        param = slot_owner(slot, params)
+        if param is None or tuple(slot.shape) != tuple(param.shape):
             continue  # e.g. Adafactor's factored row/column statistics
         checked += 1
-        want = engine_lib.shard_shapes(param)
-        got = engine_lib.shard_shapes(slot)
-        if want != got:
+        want = tp.engine.shard_shapes(param)
+        if want[0] != tuple(param.shape):
+            split.add(param.path)
+        if tp.engine.shard_shapes(slot) != want:
             mismatched.append(slot.path)
         elif want[0] != tuple(param.shape):
             sharded += 1
-    return {"checked": checked, "sharded": sharded, "mismatched": mismatched}
+    return {
+        "checked": checked,
+        "sharded": sharded,
+        "mismatched": mismatched,
+        "split_params": len(split),
+    }
+
+
+def _slots_check(tp) -> Check:
+    slots = slot_sharding(tp)
+    if not slots["mismatched"] and not slots["split_params"]:
+        # No parameter with slots is split (e.g. nothing divides by N, or
+        # plain SGD): there is nothing to compare.
+        return Check.not_applicable(
+            "optimizer_slots", "no split parameter has optimizer slots", slots
+        )
+    ok = not slots["mismatched"] and slots["sharded"] > 0
+    return Check("optimizer_slots", ok, float(not ok), 0.0, slots)
 
 
 def null_gradient_variables(model, inputs, targets, loss, rtol=1e-6):
@@ -171,6 +166,22 @@ def null_gradient_variables(model, inputs, targets, loss, rtol=1e-6):
     return {k for k, p in peaks.items() if p <= rtol * top}
 
 
+def _weight_diffs(reference, tp) -> dict:
+    """Per variable, `max|w_tp - w_ref| / max|w_ref|`."""
+    ref_w = {v.path: np.asarray(v) for v in reference.trainable_variables}
+    # Paired by position: auto-generated layer names differ between builds.
+    tp_w = {
+        r.path: logical(v, ref_w[r.path].shape)
+        for r, v in zip(
+            reference.trainable_variables,
+            tp.wrapped_model.trainable_variables,
+        )
+    }
+    return {
+        k: d / max(s, 1e-30) for k, (d, s) in scaled_diffs(ref_w, tp_w).items()
+    }
+
+
 def compare_training(
     model_fn: Callable[[], keras.Model],
     world_size: int,
@@ -188,7 +199,7 @@ def compare_training(
 ) -> TrainingComparison:
     """Train a single-device model and an independently built TP model.
 
-    Both start from the same weights (`zoo.build_pair`) and RNG state, take
+    Both start from the same weights (`pairs.build_pair`) and RNG state, take
     `steps` `train_on_batch` steps on the same rows, and are compared per
     step (loss) and per variable (weights after the last step).
 
@@ -208,65 +219,44 @@ def compare_training(
     x, y = lm_batches(stdlib_corpus(50_000), batch_size=2, seq_len=16,
                       steps=10)
     result = compare_training(
-        lambda: causal_lm(zoo.opt(vocabulary_size=256, num_layers=2,
-                                  num_heads=4, hidden_dim=64,
-                                  intermediate_dim=128,
-                                  max_sequence_length=64)),
-        2, inputs=lm_inputs(x), targets=y,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        lm_builder(catalogue.get("opt-125m:tiny")), 2, inputs=lm_inputs(x),
+        targets=y, loss="sparse_categorical_crossentropy",
         optimizer_fn=lambda: keras.optimizers.Adam(1e-3))
-    assert result.passed
     ```
     """
-    if _num_rows(inputs) < steps * batch_size:
-        raise ValueError(
-            f"inputs need steps * batch_size = {steps * batch_size} rows. "
-            f"Received: {_num_rows(inputs)}"
-        )
+    _check_rows(inputs, steps * batch_size)
     reference, tp = build_tp_pair(
         model_fn, world_size, seed=seed, dtype_policy=dtype_policy
     )
+    first = slice(0, batch_size)
     null = null_gradient_variables(
-        reference,
-        _take(inputs, slice(0, batch_size)),
-        targets[:batch_size],
-        loss,
+        reference, _take(inputs, first), targets[first], loss
     )
-    kw = {"steps": steps, "batch_size": batch_size}
     # Compile and train under the same policy the models were built with, so
     # loss trackers (and floatx) follow it: float64 runs report float64.
     with dtype_policy_scope(dtype_policy):
-        _compile(reference, optimizer_fn(), loss)
-        _compile(tp, optimizer_fn(), loss)
-        losses_ref = run_steps(reference, inputs, targets, **kw)
-        losses_tp = run_steps(tp, inputs, targets, **kw)
+        losses = [
+            run_steps(_compile(m, optimizer_fn(), loss), inputs, targets,
+                      steps=steps, batch_size=batch_size)
+            for m in (reference, tp)
+        ]  # fmt: skip
+    return _comparison(reference, tp, *losses, null, loss_rtol, weight_rtol)
 
+
+def _comparison(reference, tp, losses_ref, losses_tp, null, loss_rtol,
+                weight_rtol) -> TrainingComparison:  # fmt: skip
+    """Losses per step, weights after the last step, optimizer slots."""
     rel = [
         abs(a - b) / max(abs(a), 1e-30) for a, b in zip(losses_ref, losses_tp)
     ]
-    ref_w = {v.path: np.asarray(v) for v in reference.trainable_variables}
-    # Paired by position: auto-generated layer names differ between builds.
-    tp_w = {
-        r.path: logical(v, ref_w[r.path].shape)
-        for r, v in zip(
-            reference.trainable_variables,
-            tp.wrapped_model.trainable_variables,
-        )
-    }
-    weight_rel = {
-        k: d / max(s, 1e-30) for k, (d, s) in scaled_diffs(ref_w, tp_w).items()
-    }
-    slots = slot_sharding(tp)
-    # No slots at all (plain SGD) is vacuously fine.
-    slots_ok = not slots["mismatched"] and (
-        slots["checked"] == 0 or slots["sharded"] > 0
-    )
+    weight_rel = _weight_diffs(reference, tp)
+    slots = _slots_check(tp)
     max_w = max(v for k, v in weight_rel.items() if k not in null)
     detail = {"rel": weight_rel, "excluded_null_gradient": sorted(null)}
     checks = [
         Check.of("loss_per_step", max(rel), loss_rtol, {"rel": rel}),
         Check.of("weights", max_w, weight_rtol, detail),
-        Check("optimizer_slots", slots_ok, float(not slots_ok), 0.0, slots),
+        slots,
     ]
     return TrainingComparison(
         losses_single=losses_ref,
@@ -274,7 +264,7 @@ def compare_training(
         max_loss_rel_diff=max(rel),
         weight_rel_diffs=weight_rel,
         max_weight_rel_diff=max_w,
-        slots_sharded=slots_ok,
-        slot_detail=slots,
+        slots_sharded=slots.passed,
+        slot_detail=slots.detail,
         checks=checks,
     )
