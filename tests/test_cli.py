@@ -156,6 +156,21 @@ def test_launch_passes_its_arguments_through(tmp_path):
         assert (tmp_path / f"rank{rank}").read_text() == f"--out {tmp_path}"
 
 
+def test_launched_rank_error_is_shown_as_the_ranks_error(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text(
+        "import os\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    raise ValueError('rank one is unhappy')\n"
+    )
+    proc = _run("launch", "-n", "2", str(script), timeout=300)
+    assert proc.returncode != 0
+    assert "ValueError: rank one is unhappy" in proc.stderr, proc.stderr
+    # The rank's own error, not a launcher's or the CLI's traceback.
+    assert len(proc.stderr.strip().splitlines()) <= 12, proc.stderr
+    assert "keras_tensor_parallel" not in proc.stderr, proc.stderr
+
+
 def test_no_framework_logs_and_no_restart(tmp_path):
     # A new user's shell: no KERAS_BACKEND, no TF_CPP_MIN_LOG_LEVEL.
     for args in (["--help"], ["models"], ["plan", "seed-mlp", "-n", "2"]):
