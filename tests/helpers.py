@@ -1,4 +1,7 @@
-"""Shared test utilities: paired models, tolerances, HLO inspection."""
+"""Shared test utilities: tolerances, per-device shards, HLO inspection.
+
+Models come from `keras_tensor_parallel.catalogue`; paired single-device
+references from `keras_tensor_parallel.verify.build_pair`."""
 
 from __future__ import annotations
 
@@ -42,9 +45,7 @@ def split_dim_shards_ok(tp, n: int) -> list[str]:
 
 
 def per_device_param_bytes(tp) -> dict:
-    from keras_tensor_parallel.backends.jax import per_device_bytes
-
-    return per_device_bytes(tp.wrapped_model.variables)
+    return tp.engine.per_device_bytes(tp.wrapped_model.variables)
 
 
 def forward_hlo(tp, inputs) -> str:

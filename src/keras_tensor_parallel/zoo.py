@@ -62,9 +62,11 @@ def build_pair(build, *, seed: int = 0):
     return pair(build, seed=seed)
 
 
-def _token_inputs(vocab: int):
-    return functools.partial(_tokens, vocab=vocab)
+def _token_inputs(vocab: int, with_segments: bool = False):
+    return functools.partial(
+        _tokens, vocab=vocab, maker=TokenInputs(segments=with_segments)
+    )
 
 
-def _tokens(batch: int = 2, seq: int = 16, seed: int = 0, *, vocab: int):
-    return TokenInputs()(batch, seq, seed, vocab)
+def _tokens(batch: int = 2, seq: int = 16, seed: int = 0, *, vocab, maker):
+    return maker(batch, seq, seed, vocab)
