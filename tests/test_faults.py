@@ -185,6 +185,76 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
         assert not any(_alive(p) for p in pids), pids
 
 
+# The watchdog alone, with a key-value store in a dict -----------------------
+
+
+class _Store:
+    def __init__(self):
+        self.kv = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if key in self.kv and not allow_overwrite:
+            raise RuntimeError(f"ALREADY_EXISTS: {key}")
+        self.kv[key] = value
+
+    def key_value_try_get(self, key):
+        if key not in self.kv:
+            raise RuntimeError(f"NOT_FOUND: {key}")
+        return self.kv[key]
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+def _watch(timeout, n=1, me=0):
+    from keras_tensor_parallel import watchdog
+
+    class Recorded(watchdog.Watchdog):
+        failures = []
+
+        def stop(self, failed):  # record instead of exiting pytest
+            self.failures.append(failed)
+            self.stopped = True
+
+    watch = Recorded(_Store(), me, n, timeout=timeout)
+    watch.start()
+    return watch
+
+
+def _compute(seconds):
+    # One C call per iteration at the same instruction, burning CPU: as a
+    # cached jitted step looks from Python.
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(200_000))
+
+
+def test_watchdog_tells_computing_from_standing_still():
+    # stall_after(4) = 2 s: computing for 4 s is progress, sleeping is not.
+    watch = _watch(4)
+    try:
+        _compute(4)
+        assert watch.failures == []
+        time.sleep(3.5)
+        (failure,) = watch.failures
+        assert failure.startswith("0|TimeoutError: no progress for 2 s")
+        assert "process 0 idle 2 s at test_faults.py" in failure
+    finally:
+        watch.stopped = True
+
+
+def test_watchdog_names_a_process_whose_heartbeat_stops():
+    # A peer (process 1) that beat once and never again: dead after 5 s.
+    watch = _watch(10, n=2)
+    try:
+        watch.client.key_value_set("keras_tp/beat/1", "1|0|x.py:1 in f")
+        _compute(6.5)
+        assert watch.failures, "no failure after dead_after(10) = 5 s"
+        assert watch.failures[0].startswith("1|process 1 stopped responding")
+    finally:
+        watch.stopped = True
+
+
 # The ranks -------------------------------------------------------------------
 
 

@@ -12,9 +12,10 @@ coordination service's key-value store:
   process sees it within a second and exits naming it;
 - each watchdog beats a counter: a process whose counter stops (killed,
   crashed) is named by the others after `dead_after` seconds;
-- a main thread whose Python frame does not move for `timeout` seconds
-  (blocked in a collective, or hung) is reported with where every process
-  stands, the longest idle first: that is the one that hangs.
+- a main thread that stands at one Python instruction while the process
+  computes nothing (blocked in a collective, or hung) ends the job by
+  `timeout`, with where every process stands, the likely hang first: one
+  outside a JAX call, then the longest idle.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ PREFIX = "keras_tp"
 FAILED_KEY = f"{PREFIX}/failed"
 POLL_S = 0.5
 WAITING = " (in a JAX call)"
+# A main thread standing at one instruction makes progress if the process
+# computes meanwhile (a jitted step runs in XLA's threads, and a cached
+# call adds no Python frame): more than this share of one core. Waiting
+# in a collective, or asleep, it uses next to none.
+BUSY = 0.25
 # Process 0 holds the key-value store: it stays this long after posting a
 # failure, so that the others read it (they poll every POLL_S).
 LINGER_S = 3 * POLL_S
@@ -67,6 +73,12 @@ def _in_jax(frame) -> bool:
     # that is for another process; one in user code is the likely hang.
     name = frame.f_code.co_filename
     return f"{os.sep}jax{os.sep}" in name or f"{os.sep}jaxlib{os.sep}" in name
+
+
+def _moved(frame, last) -> bool:
+    # Holding the frame itself (not its id, which a new call may reuse)
+    # tells a new activation from one still at the same instruction.
+    return frame is not last[0] or frame.f_lasti != last[1]
 
 
 def _try_get(client, key: str) -> str | None:
@@ -106,17 +118,20 @@ class Watchdog:
             pass
 
     def _run(self) -> None:
-        beat, frame_key, still_since = 0, None, time.monotonic()
-        failing_since = None
+        beat, last, still_since = 0, (None, None), time.monotonic()
+        failing_since, cpu = None, time.process_time()
         while not self.stopped:
             time.sleep(POLL_S)
             frame = sys._current_frames().get(self._main)
-            key = (id(frame), getattr(frame, "f_lasti", None))
-            if key != frame_key:
-                frame_key, still_since = key, time.monotonic()
+            if frame is None:  # the interpreter is finishing
+                return
+            busy, cpu = time.process_time() - cpu, time.process_time()
+            if _moved(frame, last) or busy > BUSY * POLL_S:
+                last = (frame, frame.f_lasti)
+                still_since = time.monotonic()
             idle = time.monotonic() - still_since
             beat += 1
-            where = _where(frame) if frame is not None else "?"
+            where = _where(frame)
             try:
                 self._check(beat, idle, where)
                 failing_since = None
