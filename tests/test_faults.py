@@ -17,10 +17,13 @@ OUTDIR [PORT PROCESS_ID]`.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 HERE = os.path.abspath(__file__)
 TIMEOUT = 20  # the run's stated timeout, seconds
@@ -183,6 +186,26 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
         assert took < TIMEOUT + SLACK_S, took
         pids = [int((outs[key] / f"pid{r}").read_text()) for r in (0, 1)]
         assert not any(_alive(p) for p in pids), pids
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, expected",
+    [
+        (("127.0.0.1:1", 2, 2), {}, "process_id=2, num_processes=2"),
+        (("127.0.0.1:1", 2.0, 0), {}, "Received: num_processes=2.0"),
+        (("127.0.0.1:1", 2, True), {}, "Received: process_id=True"),
+        ((None, 2, 0), {}, "Received: job_addresses=None"),
+        (("127.0.0.1:1", 2, 0), {"timeout": 0}, "Received: timeout=0"),
+        (("127.0.0.1:1", 2, 0), {"timeout": "x"}, "Received: timeout='x'"),
+    ],
+)
+def test_initialize_rejects_bad_values(monkeypatch, args, kwargs, expected):
+    import keras_tensor_parallel as ktp
+
+    for name in ("JOB_ADDRESSES", "NUM_PROCESSES", "PROCESS_ID"):
+        monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        ktp.initialize(*args, **kwargs)
 
 
 # The watchdog alone, with a key-value store in a dict -----------------------
