@@ -133,13 +133,14 @@ def test_hang_times_out_and_leaves_no_process(tmp_path):
     assert not any(_alive(p) for p in pids), pids
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_rank_outlives_its_launcher(tmp_path, sig):
     launcher = _launch(tmp_path, "hang", timeout=60, wait=False)
     try:
         pids = _pids(tmp_path) + _pids(tmp_path, "child")
         launcher.send_signal(sig)
-        launcher.wait(timeout=10)
+        status = launcher.wait(timeout=10)
+        assert status == (-sig if sig == signal.SIGKILL else 130), status
         deadline = time.monotonic() + 5
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
