@@ -8,7 +8,6 @@ import os
 import jax
 import keras
 import numpy as np
-from orbax.checkpoint import v1 as ocp
 
 from keras_tensor_parallel.checkpoint import state as state_lib
 from keras_tensor_parallel.checkpoint import store
@@ -60,7 +59,7 @@ def export(checkpoint, out) -> str:
     model = _rebuild(meta.get("model_config"), path)
     saved = meta["fingerprint"]["variables"]["model"]
     storage = meta["storage"]["model"]
-    values = ocp.load(path, _one_device(storage, saved))["model"]
+    values = store.load_partial(path, _one_device(storage, saved))["model"]
     by_key = state_lib.model_keys(model)
     missing = sorted(set(saved) - set(by_key))
     if missing:

@@ -147,11 +147,20 @@ def load(tp, directory) -> str:
         for group, variables in groups.items()
         if variables
     }
-    values = ocp.load(path, abstract)
+    values = load_partial(path, abstract)
     for group, variables in groups.items():
         for p, v in variables.items():
             v.assign(values[group][p])
     return path
+
+
+def load_partial(path: str, abstract: dict) -> dict:
+    """Read only the arrays `abstract` names (metric state, for example,
+    may exist on one side only), each into its given sharding."""
+    loading = ocp.options.PyTreeOptions.Loading(partial_load=True)
+    options = ocp.options.PyTreeOptions(loading=loading)
+    with ocp.Context(pytree_options=options):
+        return ocp.load(path, abstract)
 
 
 def _stored_shape(variable, stored) -> tuple:

@@ -79,6 +79,8 @@ def place(variables, distribution, *, weights=None, names=None) -> None:
         v._layout = layout
         v._value = value
         v._initializer = None
+        if hasattr(weights, "done"):
+            weights.done()  # frees the host copy of this variable
         for observe in OBSERVERS:
             observe()
 

@@ -17,6 +17,7 @@ TASK_CONFIG = "task.json"
 BACKBONE_WEIGHTS = "model.weights.h5"
 TASK_WEIGHTS = "task.weights.h5"
 SHARDED_INDEX = "model.weights.json"
+TOKENIZER_CONFIG = "tokenizer.json"
 
 
 @dataclasses.dataclass
@@ -27,6 +28,8 @@ class Part:
     file: str
     root: object
     skip: tuple = ()
+    converter: object = None  # Hugging Face: KerasHub's converter module
+    hf_config: dict | None = None
 
 
 @dataclasses.dataclass
@@ -91,18 +94,23 @@ def task_class(path: str, model_class=None):
     return None
 
 
-def _weights_file(path: str, name: str) -> str:
-    if os.path.isfile(os.path.join(path, SHARDED_INDEX)):
+def _check_weights_file(file: str) -> None:
+    # Checked when loading only: a config-only preset can still be planned.
+    folder = os.path.dirname(file)
+    if os.path.basename(file) == BACKBONE_WEIGHTS and os.path.isfile(
+        os.path.join(folder, SHARDED_INDEX)
+    ):
         raise ValueError(
             "Presets whose weights are split over several .weights.h5 files "
-            f"are not supported yet. Received: {path!r} with {SHARDED_INDEX}"
+            f"are not supported yet. Received: {folder!r} with "
+            f"{SHARDED_INDEX}"
         )
-    file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise ValueError(
-            f"The preset has no {name}: nothing to load. Received: {path!r}"
+            f"The preset has no {os.path.basename(file)}: nothing to load "
+            f"(a config-only preset can be planned, not loaded). Received: "
+            f"{folder!r}"
         )
-    return file
 
 
 def keras_preset(path: str, model_class=None) -> Source:
@@ -111,17 +119,11 @@ def keras_preset(path: str, model_class=None) -> Source:
     import keras_hub
 
     cls = task_class(path, model_class)
-    is_task = cls is not None and issubclass(cls, keras_hub.models.Task)
-    with abstract.unallocated() as created:
-        if is_task:
-            # compile=False: the default compile would create optimizer
-            # state, and a stateless scope allows no concrete variable.
-            model = cls.from_preset(path, load_weights=False, compile=False)
-        else:
-            base = cls or keras_hub.models.Backbone
-            model = base.from_preset(path, load_weights=False)
+    model, created, is_task = _task_or_model(
+        path, cls, keras_hub.models.Backbone
+    )
     backbone = getattr(model, "backbone", model)
-    parts = [Part(_weights_file(path, BACKBONE_WEIGHTS), backbone)]
+    parts = [Part(os.path.join(path, BACKBONE_WEIGHTS), backbone)]
     task_weights = os.path.join(path, TASK_WEIGHTS)
     if is_task and os.path.isfile(task_weights) and model.has_task_weights():
         skip = tuple(backbone._flatten_layers())
@@ -129,12 +131,40 @@ def keras_preset(path: str, model_class=None) -> Source:
     return Source(model, created, parts, compile_task=is_task)
 
 
+def _task_or_model(path: str, cls, default):
+    """`cls` (or `default`) from the preset, built unallocated."""
+    import keras_hub
+
+    is_task = cls is not None and issubclass(cls, keras_hub.models.Task)
+    with abstract.unallocated() as created:
+        if is_task:
+            extra = {}
+            if not os.path.isfile(os.path.join(path, TOKENIZER_CONFIG)):
+                extra["preprocessor"] = None  # a weights-only preset
+            # compile=False: the default compile would create optimizer
+            # state, and a stateless scope allows no concrete variable.
+            model = cls.from_preset(
+                path, load_weights=False, compile=False, **extra
+            )
+        else:
+            model = (cls or default).from_preset(path, load_weights=False)
+    return model, created, is_task
+
+
 def hf_preset(path: str, model_class=None) -> Source:
-    raise ValueError(
-        "Hugging Face checkpoint directories are not loaded shard by shard "
-        "yet; convert once with keras_hub `from_preset(...)` and "
-        f"`save_to_preset`. Received: {path!r}"
+    """A Hugging Face directory: built unallocated from the converted
+    config; values converted by KerasHub's converter, variable by variable.
+    """
+    import keras_hub
+    from keras_hub.src.utils.preset_utils import get_preset_loader
+
+    loader = get_preset_loader(path)
+    model, created, is_task = _task_or_model(
+        path, model_class, keras_hub.models.Backbone
     )
+    backbone = getattr(model, "backbone", model)
+    part = Part(path, backbone, (), loader.converter, loader.config)
+    return Source(model, created, [part], compile_task=is_task)
 
 
 def preset(path, model_class=None) -> Source:
@@ -172,13 +202,21 @@ def open_parts(source: Source, variables) -> list:
     opened = []
     try:
         for part in source.parts:
+            owned = _owned(part, variables)
+            if part.converter is not None:
+                from keras_tensor_parallel.loading.hf import HFWeights
+
+                reader = HFWeights(
+                    part.file, part.root, part.converter, part.hf_config
+                )
+                opened.append((reader, {}))
+                opened[-1] = (reader, reader.match(owned))
+                continue
+            _check_weights_file(part.file)
             reader = H5Weights(part.file)
             opened.append((reader, {}))
-            names = reader.match(
-                _owned(part, variables),
-                paths=dataset_paths(part.root, skip=part.skip),
-            )
-            opened[-1] = (reader, names)
+            paths = dataset_paths(part.root, skip=part.skip)
+            opened[-1] = (reader, reader.match(owned, paths=paths))
     except Exception:
         for reader, _ in opened:
             reader.close()
