@@ -138,9 +138,9 @@ LAUNCHED = {
 }  # fmt: skip
 
 
-def _launch(backend, mode, out, timeout):
+def _launch(backend, mode, out, timeout, **extra_env):
     env = _jax_env() if backend == "jax" else dict(os.environ)
-    env["KERAS_BACKEND"] = backend
+    env.update(KERAS_BACKEND=backend, **extra_env)
     if backend == "torch":
         env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "keras_tensor_parallel.launch", "-n", "2"]
@@ -161,6 +161,12 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
         out.mkdir()
         timeout = TIMEOUT if mode == "hang" else START_S
         procs[backend, mode] = _launch(backend, mode, out, timeout)
+    # The ranks' own timeout (20 s) before the launcher's (START_S): the
+    # watchdog names the rank that hangs.
+    named = "jax", "hang-named"
+    outs[named] = tmp_path / "jax-hang-named"
+    outs[named].mkdir()
+    procs[named] = _launch(*named, outs[named], START_S, KERAS_TP_TIMEOUT="20")
     start = time.time()
     ended = _wait_all(procs, START_S + 30)
     errs = {key: p.stderr.read() for key, p in procs.items()}
@@ -175,6 +181,15 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
         assert (outs[key] / "timeout0").read_text() == (
             f"{launch.rank_timeout(START_S):g}"
         )
+    err = errs[named][-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "keras-tp launch: rank 1 of 2 failed: TimeoutError: no progress"
+    ), err
+    assert err.count("keras-tp") == 1, err  # the ranks print nothing
+    took = ended[named] - _fault_time(outs[named])
+    print(f"{named}: launcher ended {took:.1f} s after the fault")
+    assert took < TIMEOUT + SLACK_S, (took, err)
     # Without a fault, the JAX ranks join, compute and leave: status 0.
     assert procs["jax", "ok"].returncode == 0, errs["jax", "ok"][-3000:]
     for backend in ("jax", "torch"):
@@ -183,7 +198,8 @@ def test_launched_faults_end_with_the_failing_rank_named(tmp_path):
         took = ended[key] - start
         print(f"{key}: launcher ended after {took:.1f} s: {errs[key][-300:]}")
         assert procs[key].returncode != 0, errs[key][-3000:]
-        assert took < TIMEOUT + SLACK_S, took
+        # Measured from before the launcher's own start-up (~1-2 s loaded).
+        assert took < TIMEOUT + 2 * SLACK_S, took
         pids = [int((outs[key] / f"pid{r}").read_text()) for r in (0, 1)]
         assert not any(_alive(p) for p in pids), pids
 
@@ -335,7 +351,7 @@ def _rank_main(backend, mode, out, port=None, process_id=None):
             _fail(me)
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if mode == "hang":
+        if mode.startswith("hang"):
             time.sleep(600)
     collective()  # process 0 waits here for process 1
 

@@ -219,7 +219,8 @@ class Watchdog:
                 f"failed: {message}"
             )
         processes.write_error(message, origin=origin)
-        print(f"keras-tp: {line}", file=sys.stderr, flush=True)
+        if not processes.launched():  # else the launcher prints it once
+            print(f"keras-tp: {line}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         self.exit()
 
