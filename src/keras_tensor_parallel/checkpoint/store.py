@@ -27,6 +27,15 @@ from keras_tensor_parallel.checkpoint import state as state_lib
 _STEP = re.compile(r"^step_(\d{8})$")
 
 
+def _check_engine(tp) -> None:
+    if tp.engine.name != "jax":
+        raise ValueError(
+            "Sharded checkpoints are implemented for the JAX engine (Orbax); "
+            "the torch engine (torch.distributed.checkpoint) is not done "
+            f"yet. Received: engine {tp.engine.name!r}"
+        )
+
+
 def complete_steps(directory) -> list[int]:
     """Steps with a complete checkpoint in `directory`, oldest first."""
     directory = os.fspath(directory)
@@ -61,6 +70,7 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
     Returns:
         The path of the checkpoint written.
     """
+    _check_engine(tp)
     groups = state_lib.state_variables(tp)
     step = int(tp.optimizer.iterations.numpy()) if tp.optimizer else 0
     path = step_path(directory, step)
@@ -125,6 +135,7 @@ def load(tp, directory) -> str:
     Returns:
         The path of the checkpoint loaded.
     """
+    _check_engine(tp)
     path = latest(directory)
     meta = read_metadata(path)
     groups = state_lib.state_variables(tp)

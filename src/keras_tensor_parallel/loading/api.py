@@ -14,7 +14,27 @@ from keras_tensor_parallel.loading import sources
 
 
 def resolve(source, *, model_class=None, weights=None) -> sources.Source:
-    """A `Source` for a preset path or a builder function."""
+    """The model of `source`, built with unallocated variables, and the
+    files its values come from.
+
+    Args:
+        source: A KerasHub or Hugging Face preset directory, or a function
+            that builds a Keras model.
+        model_class: Presets only: the KerasHub class to build (default:
+            the task saved in the preset, else its backbone).
+        weights: Builders only: a `.keras` or `.weights.h5` file.
+
+    Raises:
+        ValueError: for a path that is not a preset, or an argument that
+            does not apply to this kind of source.
+
+    Example:
+
+    ```python
+    src = resolve("opt_preset/")
+    print(len(src.created), "variables, none allocated")
+    ```
+    """
     if callable(source) and not isinstance(source, (str, bytes)):
         if model_class is not None:
             raise ValueError(
@@ -82,10 +102,25 @@ def load(
     """Build `source` straight into shards and wrap it in `wrapper`.
 
     Every variable is created with its plan's layout and its saved value is
-    read shard by shard: no device holds a whole split variable.
+    read shard by shard: no device holds a whole split variable. Names and
+    shapes are checked against the files before anything is read; on any
+    error every value placed so far is dropped.
+
+    Args:
+        source: A preset directory or a function that builds the model.
+        wrapper: The class to wrap with (`TensorParallelKeras`).
+        model_class, weights: See `resolve`.
+        world_size, device_ids, distributed_backend, overrides, plan,
+            **kwargs: As for `TensorParallelKeras(...)`.
 
     Returns:
-        A `wrapper` instance (`TensorParallelKeras`).
+        A `wrapper` instance.
+
+    Example:
+
+    ```python
+    tp = load("opt_preset/", wrapper=TensorParallelKeras, world_size=4)
+    ```
     """
     backend = devices_lib.validate_backend(distributed_backend)
     if backend != "jax":
@@ -102,16 +137,8 @@ def load(
         from keras_tensor_parallel.plan import plan_model
 
         plan = plan_model(src.model, len(ids), overrides=overrides)
-    from keras_tensor_parallel.distribution import AutoTPDistribution
-
-    distribution = AutoTPDistribution(plan, device_ids=ids)
-    opened = sources.open_parts(src, src.created)  # checks before reading
     try:
-        for reader, names in opened:
-            chosen = [v for v in src.created if id(v) in names]
-            place_lib.place(chosen, distribution, weights=reader, names=names)
-        rest = [v for v in src.created if v._value is None]
-        place_lib.place(rest, distribution)
+        _place_all(src, plan, ids)
         tp = wrapper(
             src.model,
             len(ids),
@@ -123,9 +150,23 @@ def load(
     except Exception:
         place_lib.unplace(src.created)
         raise
-    finally:
-        for reader, _ in opened:
-            reader.close()
     if src.compile_task:
         src.model.compile()  # KerasHub tasks come compiled by default
     return tp
+
+
+def _place_all(src: sources.Source, plan, ids) -> None:
+    """Give every unallocated variable of `src` its sharded value."""
+    from keras_tensor_parallel.distribution import AutoTPDistribution
+
+    distribution = AutoTPDistribution(plan, device_ids=ids)
+    opened = sources.open_parts(src, src.created)  # checks before reading
+    try:
+        for reader, names in opened:
+            chosen = [v for v in src.created if id(v) in names]
+            place_lib.place(chosen, distribution, weights=reader, names=names)
+        rest = [v for v in src.created if v._value is None]
+        place_lib.place(rest, distribution)  # initializers, into shards
+    finally:
+        for reader, _ in opened:
+            reader.close()
