@@ -320,11 +320,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--timeout",
         type=_nonnegative,
         default=DEFAULT_TIMEOUT,
-        help="seconds before every rank is killed; 0: no limit "
-        f"(default {DEFAULT_TIMEOUT:g})",
+        help="seconds before every rank is killed; the ranks' own timeout "
+        "(a collective, a JAX rank standing still) is KERAS_TP_TIMEOUT, "
+        "else 5 s less; 0: no limit (default "
+        f"{DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument("script")
-    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.add_argument("script", help="the Python script each rank runs")
+    parser.add_argument(
+        "args", nargs=argparse.REMAINDER, help="the script's arguments"
+    )
     ns = parser.parse_args(argv)
     if ns.nproc < 1:
         parser.error(f"-n must be at least 1. Received: -n {ns.nproc}")
