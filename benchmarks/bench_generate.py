@@ -14,7 +14,9 @@ One process, one simulated mesh of 4 CPU devices. Three parts:
 - cache and decode step at batch 8 x 1024 tokens, compiled only (nothing
   of that size runs): per-device bytes of the cache the decode loop
   carries, read from the compiled module, and the decode step's
-  collective bytes against the minimum (`comms.decode`).
+  collective bytes against the minimum (`comms.decode`). `--sampler
+  top_k` compiles with KerasHub's default sampler (k=50) instead of
+  greedy; `--models` / `--sizes` pick the full-size models and N.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ LARGE = {
     "llama-small": ("LlamaBackbone", "LlamaCausalLM",
                     dict(vocabulary_size=32000, num_layers=4,
                          hidden_dim=512, intermediate_dim=1376, **_GQA)),
-    "gemma-small (MQA)": ("GemmaBackbone", "GemmaCausalLM",
+    "gemma-small-mqa": ("GemmaBackbone", "GemmaCausalLM",
                           dict(vocabulary_size=32000, num_layers=4,
                                num_query_heads=8, num_key_value_heads=1,
                                hidden_dim=512, intermediate_dim=2048,
@@ -136,17 +138,26 @@ def speed(*, rounds: int, batch: int, new_tokens: int) -> list[dict]:
     return rows
 
 
-def cache_and_comms(*, batch: int, length: int) -> list[dict]:
+def sampler_named(name: str):
+    if name == "top_k":  # KerasHub's default sampler, k=50
+        return keras_hub.samplers.TopKSampler(k=50, seed=0)
+    return name
+
+
+def cache_and_comms(
+    *, batch: int, length: int, sampler: str, models, sizes
+) -> list[dict]:
     rows = []
-    for name, entry in LARGE.items():
-        for n in (2, 4):
+    for name in models:
+        entry = LARGE[name]
+        for n in sizes:
             tp = TensorParallelKeras(build(entry), world_size=n)
-            tp.compile(sampler="greedy")
+            tp.compile(sampler=sampler_named(sampler))
             report = analyze_decode(
                 tp, batch_size=batch, max_length=length, prompt_length=16
             )
             d = report.to_dict()
-            rows.append({"model": name, "N": n, **d})
+            rows.append({**d, "model": name, "N": n, "sampler": sampler})
             print(f"{name} N={n}\n{report.table()}\n")
             del tp
     return rows
@@ -162,6 +173,9 @@ def main() -> None:
     parser.add_argument(
         "--skip", nargs="*", default=(), choices=("parity", "speed", "cache")
     )
+    parser.add_argument("--sampler", default="greedy", help="greedy, top_k")
+    parser.add_argument("--models", nargs="*", default=list(LARGE))
+    parser.add_argument("--sizes", nargs="*", type=int, default=[2, 4])
     args = parser.parse_args()
     out = {}
     if "parity" not in args.skip:
@@ -172,7 +186,11 @@ def main() -> None:
         )
     if "cache" not in args.skip:
         out["cache"] = cache_and_comms(
-            batch=args.batch, length=args.cache_length
+            batch=args.batch,
+            length=args.cache_length,
+            sampler=args.sampler,
+            models=args.models,
+            sizes=args.sizes,
         )
     if args.json:
         with open(args.json, "w") as fh:

@@ -208,9 +208,11 @@ class DecodeReport:
         layers = self._layers
         lines = [f"decode step (one token), {self.sampler}:"]
         for c in self.decode:
+            where = layer_of(c.op_name, layers)
+            where = where if where in layers else "sampler (vocab reduction)"
             lines.append(
                 f"  {c.kind:<11} {_shape(c):<22} {format_bytes(c.bytes):>10}"
-                f"  {layer_of(c.op_name, layers)}"
+                f"  {where}"
             )
         m_count = len(self.minimum.forward)
         m_bytes = sum(b for _, b in self.minimum.forward)
