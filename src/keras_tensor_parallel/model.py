@@ -9,7 +9,6 @@ import numpy as np
 
 from keras_tensor_parallel import devices as devices_lib
 from keras_tensor_parallel.backends import base
-from keras_tensor_parallel.backends.base import make_engine  # noqa: F401
 from keras_tensor_parallel.plan import ShardingPlan, plan_model
 from keras_tensor_parallel.plan.planner import check_built
 
@@ -83,7 +82,7 @@ class TensorParallelKeras(keras.Model):
                 f"of devices ({len(ids)}). Received: plan for world size "
                 f"{plan.world_size}"
             )
-        engine = make_engine(backend, plan, ids)
+        engine = base.make_engine(backend, plan, ids)
         name = kwargs.pop("name", f"tensor_parallel_{model.name}")
         super().__init__(name=name, **kwargs)
         self._tp_wrap(model, engine, plan)

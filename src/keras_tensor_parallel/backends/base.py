@@ -266,17 +266,32 @@ class DeferredInterrupt:
         return False
 
 
-def atomic_write(write: Callable[[str], Any], filepath) -> None:
+def atomic_write(
+    write: Callable[[str], Any], filepath, *, overwrite: bool = True
+) -> None:
     """Call `write(tmp)` on a temporary path beside `filepath`, then rename
     it into place: a kill at any moment leaves the old file or the new one.
 
     The temporary name keeps the extension (Keras picks the format from it)
-    and lives in the same directory (so `os.replace` is atomic).
+    and lives in the same directory (so `os.replace` is atomic). With
+    `overwrite=False` an existing file is replaced only if the user agrees
+    (Keras's own prompt).
+
+    Example:
+
+    ```python
+    atomic_write(lambda tmp: model.save(tmp), "model.keras")
+    ```
     """
     path = os.fspath(filepath)
-    directory, base = os.path.split(os.path.abspath(path))
+    if not overwrite and os.path.exists(path):
+        from keras.src.utils import io_utils
+
+        if not io_utils.ask_to_proceed_with_overwrite(path):
+            return
+    directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{base}.", suffix=f".tmp-{base}", dir=directory
+        prefix=f".{name}.", suffix=f".tmp-{name}", dir=directory
     )
     os.close(fd)
     os.unlink(tmp)  # the writer creates it (Keras asks before overwriting)

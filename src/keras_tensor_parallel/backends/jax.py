@@ -87,10 +87,6 @@ def pad_to(value, shape):
     return jnp.pad(value, widths)
 
 
-def logical_shape(variable) -> tuple:
-    return tuple(getattr(variable, "_tp_logical_shape", variable.shape))
-
-
 def host_value(array) -> np.ndarray:
     """The full value as numpy, gathered from every process when the
     array spans devices of other processes (a collective: call it on all
@@ -413,8 +409,11 @@ class JaxEngine:
         """Full weights; every process gathers, process 0 writes
         atomically (a temporary file renamed into place)."""
         method = model.save_weights if weights_only else model.save
+        overwrite = kwargs.pop("overwrite", True)
         if self.is_main:
-            base.atomic_write(lambda p: method(p, **kwargs), filepath)
+            base.atomic_write(
+                lambda p: method(p, **kwargs), filepath, overwrite=overwrite
+            )
         else:
             with _scratch_path(filepath) as path:
                 method(path, **kwargs)

@@ -107,24 +107,19 @@ class TorchEngine:
         if self.plan.world_size == 1:
             return  # nothing to split, nothing to communicate
         saved: list = []
-        error = None
-        try:
-            self._partition(model, variables, saved, checkpoint)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            error = e
-        failed = tc.first_error(error)
+        failed = tc.first_error(
+            _attempt(self._partition, model, variables, saved, checkpoint)
+        )
         if failed is None:
-            try:
-                _check_runs(model)
-                checkpoint()
-            except BaseException as e:
-                failed = e
+            # Every rank runs the same check on the same shapes; agreeing
+            # once more keeps an interrupt on one rank from splitting them.
+            failed = tc.first_error(_attempt(_check_runs, model, checkpoint))
         if failed is not None:
             self._journal.undo()
             for v, entry, full in reversed(saved):
                 roles.style_for(entry.role).undo(v, full)
             _retrack(model)
-            raise error or failed
+            raise failed
         self._split = [(v, entry) for v, entry, _ in saved]
 
     def _partition(self, model, variables, saved, checkpoint) -> None:
@@ -211,12 +206,17 @@ class TorchEngine:
         """Every rank gathers the split variables; rank 0 writes
         atomically. An error on any rank is raised on every rank."""
         method = model.save_weights if weights_only else model.save
+        overwrite = kwargs.pop("overwrite", True)
         split = [v for v in model.variables if roles.is_split(v)]
         error = None
         try:
             with _gathered(split):
                 if self.is_main:
-                    base.atomic_write(lambda p: method(p, **kwargs), filepath)
+                    base.atomic_write(
+                        lambda p: method(p, **kwargs),
+                        filepath,
+                        overwrite=overwrite,
+                    )
         except BaseException as e:  # noqa: BLE001 - re-raised below
             error = e
         failed = tc.first_error(error)
@@ -237,6 +237,15 @@ def _gathered(variables):
             v.__dict__.pop("_tp_gathered", None)
 
 
+def _attempt(step, *args) -> BaseException | None:
+    """Run `step`; return what it raised (to agree on it across ranks)."""
+    try:
+        step(*args)
+    except BaseException as e:  # noqa: BLE001 - the caller re-raises it
+        return e
+    return None
+
+
 def _retrack(model) -> None:
     """Re-register torch parameters after their values were replaced."""
     for layer in model._flatten_layers(include_self=True):
@@ -244,7 +253,7 @@ def _retrack(model) -> None:
             layer._track_variables()
 
 
-def _check_runs(model) -> None:
+def _check_runs(model, checkpoint=_no_checkpoint) -> None:
     """One tiny forward pass on the local shards, so that a model whose own
     code cannot run split (say it reshapes a split tensor with the full head
     count, which the plan cannot see) fails here, at wrap time, and is
@@ -270,3 +279,4 @@ def _check_runs(model) -> None:
         ) from e
     finally:
         tc.COUNTS.update(counts)
+    checkpoint()

@@ -8,6 +8,7 @@ and would double the gradients.
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import os
 
@@ -173,16 +174,26 @@ def first_error(error: BaseException | None) -> BaseException | None:
     in step, instead of leaving the others waiting in a collective.
 
     Returns None when no rank failed; this rank's own `error` when it
-    failed; else a RuntimeError naming the failing rank and its error.
+    failed; else an error of the same built-in type (RuntimeError for
+    others) whose message names the failing rank and its message.
     """
     if world_size() == 1:
         return error
-    mine = None if error is None else f"{type(error).__name__}: {error}"
+    mine = None if error is None else (type(error).__name__, str(error))
     every: list = [None] * world_size()
     dist.all_gather_object(every, mine)
-    for r, message in enumerate(every):
-        if message is not None:
-            if error is not None:
-                return error
-            return RuntimeError(f"rank {r} failed: {message}")
+    for r, found in enumerate(every):
+        if found is not None:
+            return error or _same_kind(*found, rank=r)
     return None
+
+
+def _same_kind(name: str, message: str, *, rank: int) -> BaseException:
+    cls = getattr(builtins, name, None)
+    text = f"rank {rank} failed: {name}: {message}"
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(text)
+        except Exception:  # noqa: BLE001 - a type that needs other args
+            pass
+    return RuntimeError(text)
