@@ -200,6 +200,29 @@ def test_verify_and_comms_say_they_need_jax():
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "needs the JAX backend" in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # The library says the same, before touching the model.
+    code = (
+        "from keras_tensor_parallel import catalogue, comms, verify\n"
+        "spec = catalogue.get('seed-mlp')\n"
+        "x = spec.inputs()\n"
+        "calls = [\n"
+        "    lambda: verify.compare_forward(spec.build, 1, inputs=x),\n"
+        "    lambda: verify.memory_check(spec.build, 1),\n"
+        "    lambda: comms.analyze(spec.build(), 1),\n"
+        "]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as e:\n"
+        "        assert 'needs the JAX backend' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError('no ValueError')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_train_rejects_non_lm(capsys):
