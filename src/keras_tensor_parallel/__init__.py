@@ -30,7 +30,7 @@ def initialize(
     `jax.distributed` (as `keras.distribution.initialize` does) with its
     start-up, heartbeat and shutdown timeouts bounded by `timeout`, and
     starts a watchdog: when a process raises, every process exits within
-    about two seconds naming it; a killed process is named after
+    about a second naming it; a killed process is named after
     `timeout / 2` seconds (5 to 30); a main thread that stands still (a
     hang, or a collective waiting for one) ends the job by `timeout`,
     naming where each process stands. On torch the engine joins the

@@ -38,8 +38,9 @@ WAITING = " (in a JAX call)"
 # call adds no Python frame): more than this share of one core. Waiting
 # in a collective, or asleep, it uses next to none.
 BUSY = 0.25
-# Process 0 holds the key-value store: it stays this long after posting a
-# failure, so that the others read it (they poll every POLL_S).
+# Process 0 holds the key-value store: after a failure it stays up to this
+# long, until the others have read it (they poll every POLL_S); a killed
+# process never does.
 LINGER_S = 3 * POLL_S
 
 
@@ -101,6 +102,7 @@ class Watchdog:
         self.stopped = False
         self._main = threading.main_thread().ident
         self._seen = {}  # peer -> (beat, local time it last changed)
+        self.gone: set[int] = set()  # peers found dead
 
     def start(self) -> None:
         thread = threading.Thread(
@@ -154,6 +156,7 @@ class Watchdog:
         )
         peers = self._peers()
         for peer in self._dead(peers):
+            self.gone.add(peer)  # it will not say it saw the failure
             self.fail(
                 peer,
                 f"process {peer} stopped responding (no heartbeat for "
@@ -225,9 +228,21 @@ class Watchdog:
         self.exit()
 
     def exit(self) -> None:
-        """Exit now, skipping the exit barrier (it waits for the others)."""
-        if self.me == 0:
-            time.sleep(LINGER_S)
+        """Exit now, skipping the exit barrier (it waits for the others).
+
+        Process 0 holds the store: it first waits (up to LINGER_S) until
+        every other process has said it saw the failure.
+        """
+        try:
+            self.client.key_value_set(f"{PREFIX}/stopped/{self.me}", "1")
+            deadline = time.monotonic() + LINGER_S
+            while self.me == 0 and time.monotonic() < deadline:
+                seen = self.client.key_value_dir_get(f"{PREFIX}/stopped/")
+                if len(seen) >= self.n - len(self.gone):
+                    break
+                time.sleep(POLL_S / 10)
+        except Exception:
+            pass  # the store is gone: nobody left to tell
         os._exit(1)
 
 
