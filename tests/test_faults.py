@@ -227,6 +227,14 @@ def test_initialize_rejects_bad_values(monkeypatch, args, kwargs, expected):
         ktp.initialize(*args, **kwargs)
 
 
+def test_initialize_names_a_bad_launcher_variable(monkeypatch):
+    import keras_tensor_parallel as ktp
+
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="NUM_PROCESSES='two'"):
+        ktp.initialize("127.0.0.1:1", None, 0)
+
+
 # The watchdog alone, with a key-value store in a dict -----------------------
 
 

@@ -253,7 +253,12 @@ def _from_env(value, name: str, cast):
     if value is not None:
         return value
     raw = os.environ.get(name)
-    return None if raw is None else cast(raw)
+    try:
+        return None if raw is None else cast(raw)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be {cast.__name__}. Received: {name}={raw!r}"
+        ) from None
 
 
 def _check_ids(num_processes, process_id) -> None:
