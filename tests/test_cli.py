@@ -46,8 +46,11 @@ def test_plan_override_replicates(capsys):
     assert {v["role"] for v in plan["variables"]} == {"replicated"}
 
 
-def test_plan_opt125m_json_subprocess():
-    proc = _run("plan", "opt-125m", "--world-size", "2", "--format", "json")
+def test_plan_opt_json_subprocess():
+    # The tiny flavour: same layer classes as OPT-125M (its full-size plan
+    # is the golden plan in test_golden_plans.py).
+    args = ["plan", "opt-125m:tiny", "--world-size", "2", "--format", "json"]
+    proc = _run(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads(proc.stdout)
     assert plan["world_size"] == 2
