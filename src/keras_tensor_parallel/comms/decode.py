@@ -304,6 +304,14 @@ def example_prompts(
     return {"token_ids": ids, "padding_mask": mask}  # fmt: skip
 
 
+def _check_lengths(prompt_length: int, max_length: int) -> None:
+    if not 0 < prompt_length < max_length:
+        raise ValueError(
+            "prompt_length must be in [1, max_length). Received: "
+            f"prompt_length={prompt_length}, max_length={max_length}"
+        )
+
+
 def analyze_decode(
     tp,
     *,
@@ -331,17 +339,14 @@ def analyze_decode(
     ```
     """
     from keras_tensor_parallel import generation
+    from keras_tensor_parallel.generation.jax import jax_generator
 
     model = tp.wrapped_model
     generation.check_causal_lm(model)
-    if not 0 < prompt_length < max_length:
-        raise ValueError(
-            "prompt_length must be in [1, max_length). Received: "
-            f"prompt_length={prompt_length}, max_length={max_length}"
-        )
+    _check_lengths(prompt_length, max_length)
     if getattr(model, "sampler", None) is None:
         generation.set_sampler(tp, "top_k")
-    generator = generation.jax_generator(tp)
+    generator = jax_generator(tp)
     vocab = int(model.backbone.vocabulary_size)
     inputs = example_prompts(
         vocab,
