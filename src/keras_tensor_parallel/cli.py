@@ -188,6 +188,19 @@ def _add_comms(c) -> None:
     c.add_argument("--batch-size", type=_positive, default=2)
     c.add_argument("--seq-len", type=_positive, default=32)
     c.add_argument("--format", choices=("table", "json"), default="table")
+    c.add_argument(
+        "--generate",
+        action="store_true",
+        help="the decode step of tp.generate instead (a causal LM): "
+        "collectives per generated token against the minimum, and the kv "
+        "cache per device; --seq-len is prompt + generated tokens",
+    )
+    c.add_argument(
+        "--prompt-len", type=_positive, default=8, help="with --generate"
+    )
+    c.add_argument(
+        "--sampler", choices=("greedy", "top_k"), default="greedy",
+        help="with --generate")  # fmt: skip
 
 
 def _common(p) -> None:
@@ -370,12 +383,24 @@ def _run_comms(args) -> int:
     _check_devices(args.world_size)
     keras.utils.set_random_seed(args.seed)
     model = spec.build()
-    result = analyze(
-        model,
-        args.world_size,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-    )
+    if args.generate:
+        from keras_tensor_parallel.comms.decode import analyze_model
+
+        result = analyze_model(
+            model,
+            args.world_size,
+            batch_size=args.batch_size,
+            max_length=args.seq_len,
+            prompt_length=args.prompt_len,
+            sampler=args.sampler,
+        )
+    else:
+        result = analyze(
+            model,
+            args.world_size,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+        )
     if args.format == "json":
         import json
 
