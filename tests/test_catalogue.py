@@ -35,12 +35,12 @@ def test_variant_replaces_fields_and_vocabulary():
 
 
 def test_sized_picks_tiny_only_for_large_models():
-    assert catalogue.sized(catalogue.get("seed-mlp"), "auto").name == (
-        "seed-mlp"
-    )
-    assert catalogue.sized(catalogue.get("gpt2"), "tiny").name == "gpt2:tiny"
+    mlp = catalogue.sized(catalogue.get("seed-mlp"), size="auto")
+    assert mlp.name == "seed-mlp"  # 74k parameters: itself
+    gpt2 = catalogue.sized(catalogue.get("gpt2"), size="tiny")
+    assert gpt2.name == "gpt2:tiny"
     with pytest.raises(ValueError, match="Received: 'small'"):
-        catalogue.sized(catalogue.get("gpt2"), "small")
+        catalogue.sized(catalogue.get("gpt2"), size="small")
 
 
 def test_unknown_names_and_files_are_value_errors(tmp_path):

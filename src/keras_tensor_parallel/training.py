@@ -112,7 +112,7 @@ def train_lm(spec: ModelSpec, world_size: int, config: TrainConfig) -> dict:
     """
     import keras
 
-    trained = catalogue.sized(spec, config.size)
+    trained = catalogue.sized(spec, size=config.size)
     build = catalogue.lm_builder(trained)
     (x, y), (vx, vy) = _batches(config, trained.vocab)
     keras.utils.set_random_seed(config.seed)

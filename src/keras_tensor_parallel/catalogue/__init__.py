@@ -53,7 +53,7 @@ LARGE_PARAMS = 30_000_000
 SIZES = ("auto", "full", "tiny")
 
 
-def sized(spec: ModelSpec, size: str) -> ModelSpec:
+def sized(spec: ModelSpec, *, size: str) -> ModelSpec:
     """`spec` itself (`"full"`), its tiny flavour (`"tiny"`), or the tiny
     one when the model has over `LARGE_PARAMS` parameters (`"auto"`).
 
@@ -64,7 +64,7 @@ def sized(spec: ModelSpec, size: str) -> ModelSpec:
     Example:
 
     ```python
-    spec = sized(get("opt-125m"), "auto")  # the tiny OPT
+    spec = sized(get("opt-125m"), size="auto")  # the tiny OPT
     ```
     """
     if size not in SIZES:

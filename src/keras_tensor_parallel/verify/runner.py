@@ -200,7 +200,7 @@ def _lm_case(spec, size, *, steps, batch_size, seq_len, seed):
     from keras_tensor_parallel import catalogue
     from keras_tensor_parallel.verify import data
 
-    trained = catalogue.sized(spec, size)
+    trained = catalogue.sized(spec, size=size)
     text = data.stdlib_corpus(max_bytes=2_000_000)
     x, y = data.lm_batches(
         text, batch_size=batch_size, seq_len=seq_len, steps=steps, seed=seed
