@@ -103,17 +103,25 @@ class Watchdog:
         self._main = threading.main_thread().ident
         self._seen = {}  # peer -> (beat, local time it last changed)
         self.gone: set[int] = set()  # peers found dead
+        self._wake = threading.Event()  # set to stop the thread at once
 
     def start(self) -> None:
-        thread = threading.Thread(
+        self._thread = threading.Thread(
             target=self._run, name="keras-tp-watchdog", daemon=True
         )
-        thread.start()
+        self._thread.start()
         atexit.register(self.finish)
 
     def finish(self) -> None:
-        """A normal exit: stop watching (the exit barrier is no stall)."""
+        """A normal exit: stop watching (the exit barrier is no stall).
+
+        Joins the thread: a daemon thread still inside a call into the
+        store when the interpreter finalizes is unwound by force through
+        C++ frames, which aborts the process ("exception not rethrown").
+        """
         self.stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10 * POLL_S)
         try:
             self.client.key_value_set(f"{PREFIX}/done/{self.me}", "1")
         except Exception:
@@ -123,7 +131,9 @@ class Watchdog:
         beat, last, still_since = 0, (None, None), time.monotonic()
         failing_since, cpu = None, time.process_time()
         while not self.stopped:
-            time.sleep(POLL_S)
+            self._wake.wait(POLL_S)
+            if self.stopped:
+                return
             frame = sys._current_frames().get(self._main)
             if frame is None:  # the interpreter is finishing
                 return
