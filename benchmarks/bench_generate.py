@@ -38,56 +38,50 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_tensor_parallel import TensorParallelKeras  # noqa: E402
+from keras_tensor_parallel import TensorParallelKeras, catalogue  # noqa: E402
 from keras_tensor_parallel.comms.decode import (  # noqa: E402
     analyze_decode,
     example_prompts,
 )
+from keras_tensor_parallel.generation import as_causal_lm  # noqa: E402
 
-_TINY = dict(num_layers=2, hidden_dim=64, intermediate_dim=96)
-_GQA = dict(num_query_heads=8, num_key_value_heads=4)
 
-# name: (backbone class, task class, config). Tiny configs for parity and
-# speed; the full-size ones only compile.
+def _catalogue_lm(name: str, **overrides):
+    spec = catalogue.get(name)
+    spec = spec.variant(**overrides) if overrides else spec
+    return lambda: as_causal_lm(spec.build())
+
+
+def _mistral():
+    # Not in the catalogue: Llama's tiny config with a sliding window.
+    config = dict(catalogue.get("llama-small:tiny").config, sliding_window=32)
+    return keras_hub.models.MistralCausalLM(
+        keras_hub.models.MistralBackbone(**config), preprocessor=None
+    )
+
+
+# Builders of KerasHub CausalLMs from the catalogue: tiny ones for parity,
+# full-size ones that only compile, one mid-size for speed.
 TINY = {
-    "gpt2": ("GPT2Backbone", "GPT2CausalLM",
-             dict(_TINY, vocabulary_size=1001, num_heads=4,
-                  max_sequence_length=64)),
-    "opt": ("OPTBackbone", "OPTCausalLM",
-            dict(_TINY, vocabulary_size=1000, num_heads=4,
-                 max_sequence_length=64)),
-    "llama": ("LlamaBackbone", "LlamaCausalLM",
-              dict(_TINY, vocabulary_size=1000, **_GQA)),
-    "gemma": ("GemmaBackbone", "GemmaCausalLM",
-              dict(_TINY, vocabulary_size=1000, num_query_heads=4,
-                   num_key_value_heads=4, head_dim=16)),
-    "mistral": ("MistralBackbone", "MistralCausalLM",
-                dict(_TINY, vocabulary_size=1000, sliding_window=32, **_GQA)),
-}  # fmt: skip
+    "gpt2": _catalogue_lm("gpt2:tiny"),  # vocab 1001: odd, padded
+    "opt": _catalogue_lm("opt-125m:tiny"),
+    "llama": _catalogue_lm("llama-small:tiny"),  # 8 q / 4 kv heads
+    "gemma": _catalogue_lm("gemma-small:tiny", num_key_value_heads=4),
+    "mistral": _mistral,
+}
 LARGE = {
-    "opt-125m": ("OPTBackbone", "OPTCausalLM",
-                 dict(vocabulary_size=50272, num_layers=12, num_heads=12,
-                      hidden_dim=768, intermediate_dim=3072,
-                      max_sequence_length=2048)),
-    "llama-small": ("LlamaBackbone", "LlamaCausalLM",
-                    dict(vocabulary_size=32000, num_layers=4,
-                         hidden_dim=512, intermediate_dim=1376, **_GQA)),
-    "gemma-small-mqa": ("GemmaBackbone", "GemmaCausalLM",
-                          dict(vocabulary_size=32000, num_layers=4,
-                               num_query_heads=8, num_key_value_heads=1,
-                               hidden_dim=512, intermediate_dim=2048,
-                               head_dim=64)),
-}  # fmt: skip
-SPEED = ("LlamaBackbone", "LlamaCausalLM",
-         dict(vocabulary_size=4000, num_layers=4, hidden_dim=256,
-              intermediate_dim=512, **_GQA))  # fmt: skip
+    "opt-125m": _catalogue_lm("opt-125m"),
+    "llama-small": _catalogue_lm("llama-small"),  # 8 q / 4 kv heads
+    "gemma-small-mqa": _catalogue_lm("gemma-small"),  # 1 kv head
+}
+SPEED = _catalogue_lm(
+    "llama-small", vocabulary_size=4000, hidden_dim=256, intermediate_dim=512
+)
 
 
-def build(entry, seed: int = 0):
-    backbone_cls, task_cls, config = entry
+def build(builder, seed: int = 0):
     keras.utils.set_random_seed(seed)
-    backbone = getattr(keras_hub.models, backbone_cls)(**config)
-    return getattr(keras_hub.models, task_cls)(backbone, preprocessor=None)
+    return builder()
 
 
 def greedy(model, x):

@@ -201,6 +201,39 @@ class TensorParallelKeras(keras.Model):
     def predict_on_batch(self, *args, **kwargs):
         return self._run(super().predict_on_batch, *args, **kwargs)
 
+    # Generation (a wrapped KerasHub CausalLM) --------------------------------
+
+    @property
+    def preprocessor(self):
+        """The wrapped model's preprocessor (`None` when it has none)."""
+        return getattr(self._tp_model, "preprocessor", None)
+
+    @preprocessor.setter
+    def preprocessor(self, value):
+        self._tp_model.preprocessor = value
+
+    def generate(self, inputs, **kwargs):
+        """`CausalLM.generate` on the shards (see `generation.generate`).
+
+        Example:
+
+        ```python
+        tp.compile(sampler="greedy")
+        tp.generate(["Keras is"], max_length=32)
+        ```
+        """
+        from keras_tensor_parallel import generation
+
+        return generation.generate(self, inputs, **kwargs)
+
+    def compile(self, *args, sampler=None, **kwargs):
+        """`keras.Model.compile`; `sampler` as in `CausalLM.compile`."""
+        if sampler is not None:
+            from keras_tensor_parallel import generation
+
+            generation.set_sampler(self, sampler)
+        return super().compile(*args, **kwargs)
+
     # Weights and saving: full, unsharded, logical shapes --------------------
 
     def get_weights(self):

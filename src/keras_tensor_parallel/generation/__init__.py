@@ -35,6 +35,7 @@ from keras_tensor_parallel.plan import Role, ShardingPlan
 # KerasHub caches put the (kv) heads second to last:
 # [batch, layers, 2, length, heads, head_dim].
 HEADS_DIM = -2
+ENGINES = ("jax", "torch")
 
 
 def is_causal_lm(model) -> bool:
@@ -140,6 +141,11 @@ def generate(tp, inputs, **kwargs):
     """
     model = tp.wrapped_model
     check_causal_lm(model)
+    if tp.engine.name not in ENGINES:
+        raise ValueError(
+            f"generate() runs on the {' and '.join(ENGINES)} engines. "
+            f"Received: engine={tp.engine.name!r}"
+        )
     if getattr(model, "sampler", None) is None:
         set_sampler(tp, "top_k")  # KerasHub's default
     if tp.engine.name == "jax":
