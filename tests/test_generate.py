@@ -253,6 +253,7 @@ def worker(out_path: str) -> None:
 
         def record(token_ids, cache, index, _original=original, _seen=caches):
             _seen.append(tuple(cache.shape))
+            print("tp-decode-step")  # only rank 0's should reach stdout
             return _original(token_ids, cache, index)
 
         model.call_with_cache = record
@@ -265,6 +266,7 @@ def worker(out_path: str) -> None:
             "top_k": _generate(tp, sampler(), x).tolist(),
             "top_k_ref": _generate(ref, sampler(), x).tolist(),
             "cache": caches[-1],
+            "calls": len(caches),
         }
     res["rank"] = dist.get_rank()
     with open(f"{out_path}.{dist.get_rank()}", "w") as fh:
@@ -293,6 +295,8 @@ def test_torch_two_ranks_match_one_process(tmp_path):
             # [batch, layers, 2, length, kv heads / 2, head dim]
             assert case["cache"][4] == 2, (name, case)
     assert ranks[0]["llama"] == ranks[1]["llama"]
+    # Both ranks write to the launcher's stdout; only rank 0 prints.
+    assert proc.stdout.count("tp-decode-step") == ranks[0]["llama"]["calls"]
 
 
 if __name__ == "__main__":
