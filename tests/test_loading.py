@@ -127,10 +127,10 @@ def test_cli_plans_config_only_preset(tmp_path, capsys):
 # Loading straight into shards -------------------------------------------
 
 
-def _load(preset, **kwargs):
-    from keras_tensor_parallel.loading import load
-
-    return load(preset, wrapper=TensorParallelKeras, world_size=N, **kwargs)
+def _load(source, **kwargs):
+    if callable(source):
+        return TensorParallelKeras.build(source, world_size=N, **kwargs)
+    return TensorParallelKeras.from_preset(source, world_size=N, **kwargs)
 
 
 def test_from_preset_into_shards_matches_one_device(lm_preset):
@@ -161,6 +161,15 @@ def test_from_preset_into_shards_matches_one_device(lm_preset):
     have = tp.wrapped_model.generate(prompt, max_length=8, stop_token_ids=None)
     assert not np.array_equal(want["token_ids"][:, 3:], 0)
     np.testing.assert_array_equal(have["token_ids"], want["token_ids"])
+
+
+def test_peak_memory_sees_a_whole_copy(lm_preset):
+    # The measurement can fail: building whole on one device, then
+    # wrapping, holds whole split variables on device 0 first.
+    with memory.PeakMemory() as mem:
+        model = keras_hub.models.CausalLM.from_preset(lm_preset)
+        TensorParallelKeras(model, world_size=N)
+    assert mem.ratio() > 2
 
 
 def test_backbone_preset_and_model_class(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 
 from keras_tensor_parallel import devices as devices_lib
 from keras_tensor_parallel.backends import base
+from keras_tensor_parallel.loading import factory as loading_factory
 from keras_tensor_parallel.plan import ShardingPlan, plan_model
 from keras_tensor_parallel.plan.planner import check_built
 
@@ -275,6 +276,29 @@ class TensorParallelKeras(keras.Model):
 
     def load_weights(self, filepath, *args, **kwargs):
         return self._tp_model.load_weights(filepath, *args, **kwargs)
+
+    # Built straight into shards; sharded checkpoints (issue 11) -----------
+
+    from_preset = classmethod(loading_factory.from_preset)
+    # `TensorParallelKeras.build(make_model, weights=..., ...)` on the
+    # class; Keras's own `build(input_shape)` on an instance.
+    build = loading_factory.ClassBuild()
+
+    def save_checkpoint(self, directory, *, keep: int | None = 2) -> str:
+        """Write weights, optimizer slots, the iteration counter and RNG
+        state, each shard where it lives (Orbax), as a new complete step
+        of `directory`; see `keras_tensor_parallel.checkpoint.save`."""
+        from keras_tensor_parallel import checkpoint
+
+        return checkpoint.save(self, directory, keep=keep)
+
+    def load_checkpoint(self, directory) -> str:
+        """Restore the newest complete checkpoint in `directory` into this
+        model's shards, at any world size; see
+        `keras_tensor_parallel.checkpoint.load`."""
+        from keras_tensor_parallel import checkpoint
+
+        return checkpoint.load(self, directory)
 
     def summary(self, *args, **kwargs):
         self._tp_model.summary(*args, **kwargs)

@@ -37,7 +37,14 @@ def _check_engine(tp) -> None:
 
 
 def complete_steps(directory) -> list[int]:
-    """Steps with a complete checkpoint in `directory`, oldest first."""
+    """Steps with a complete checkpoint in `directory`, oldest first.
+
+    Example:
+
+    ```python
+    complete_steps("ckpt")  # [12, 24]; a killed save's -tmp- dir is not one
+    ```
+    """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return []
@@ -67,8 +74,19 @@ def _tree(groups: dict) -> dict:
 def save(tp, directory, *, keep: int | None = 2) -> str:
     """Write `tp`'s state as a new step of `directory`; keep the last `keep`.
 
+    Args:
+        tp: A `TensorParallelKeras` (JAX engine).
+        directory: Where the `step_XXXXXXXX` checkpoints go.
+        keep: How many complete checkpoints to keep (`None`: all).
+
     Returns:
         The path of the checkpoint written.
+
+    Example:
+
+    ```python
+    save(tp, "ckpt")   # ckpt/step_00000012 after 12 optimizer steps
+    ```
     """
     _check_engine(tp)
     groups = state_lib.state_variables(tp)
@@ -85,7 +103,7 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
         "step": step,
     }
     ocp.save(path, _tree(groups), overwrite=True, custom_metadata=metadata)
-    if keep is not None:
+    if keep is not None and jax.process_index() == 0:  # one pruner
         for old in complete_steps(directory)[:-keep]:
             shutil.rmtree(step_path(directory, old), ignore_errors=True)
     return path
@@ -129,11 +147,23 @@ def read_metadata(path: str) -> dict:
 def load(tp, directory) -> str:
     """Restore `tp`'s state from the newest complete checkpoint.
 
-    Every value is read straight into the variable's current sharding;
-    nothing is assigned until all of them are read and checked.
+    Every value is read straight into the variable's current sharding (at
+    any world size); nothing is assigned until all of them are read and
+    checked. Compile `tp` with the same optimizer first.
 
     Returns:
         The path of the checkpoint loaded.
+
+    Raises:
+        ValueError: no complete checkpoint, or one of another model or
+            optimizer (the first difference is named).
+
+    Example:
+
+    ```python
+    tp.compile(optimizer="adam", loss="mse")
+    load(tp, "ckpt")
+    ```
     """
     _check_engine(tp)
     path = latest(directory)
