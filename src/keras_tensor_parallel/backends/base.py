@@ -31,11 +31,12 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from keras_tensor_parallel.plan import ShardingPlan
+    from keras_tensor_parallel.plan import ShardingPlan
 
 ENGINES = ("jax", "torch")
 
