@@ -41,6 +41,7 @@ def _lm(name: str):
             num_key_value_heads=4
         ),
     }
+    specs["llama-kv2"] = specs["llama"].variant(num_key_value_heads=2)
     if name == "mistral":  # not in the catalogue: Llama's tiny config
         config = dict(specs["llama"].config, sliding_window=32)
         return lambda: keras_hub.models.MistralCausalLM(
@@ -146,8 +147,15 @@ def test_top_k_samples_match_one_device_with_same_seed(wrapped):
     assert [c.shapes for c in gathers] == [((2, 2 * 5),)] * 2, report
 
 
-@pytest.mark.parametrize("name,n", [("llama", 2), ("gpt2", 4), ("gemma", 4)])
-def test_decode_step_at_minimum_cache_split_by_heads(wrapped, name, n):
+# (model, N, kv heads each device holds): llama-kv2 has 2 kv heads for 4
+# devices, each head held by 2 devices (the plan's kv-head copies).
+@pytest.mark.parametrize(
+    "name,n,local_heads",
+    [("llama", 2, 2), ("gpt2", 4, 1), ("gemma", 4, 1), ("llama-kv2", 4, 1)],
+)
+def test_decode_step_at_minimum_cache_split_by_heads(
+    wrapped, name, n, local_heads
+):
     from keras_tensor_parallel.comms.decode import analyze_decode
 
     tp = wrapped(name, n)[1]
@@ -166,11 +174,14 @@ def test_decode_step_at_minimum_cache_split_by_heads(wrapped, name, n):
     assert report.sampling_bytes == sum(b for _, b in report.sampling_minimum)
     assert all(c.bytes <= 2 * n * 4 for c in report.sampling_collectives)
     assert not report.weight_gathers and not report.cache_gathers, report
-    # The loop carries 1/N of the cache on each device, split on kv heads.
-    heads = 4
-    assert report.cache_shape == (2, 2, 2, 16, heads, report.cache_shape[-1])
-    assert report.cache_device_shape[-2] == heads // n
-    assert report.cache_bytes_per_device * n == report.cache_bytes
+    # The loop carries only this device's kv heads of the cache: 1/N of it
+    # where the kv heads divide by N, one head where N is larger.
+    heads = report.cache_shape[-2]
+    assert report.cache_shape[:4] == (2, 2, 2, 16), report
+    assert report.cache_device_shape[-2] == local_heads, report
+    assert report.cache_bytes_per_device * heads == (
+        report.cache_bytes * local_heads
+    )
 
 
 def test_strings_with_preprocessor():
