@@ -73,6 +73,8 @@ LARGE = {
     "opt-125m": _catalogue_lm("opt-125m"),
     "llama-small": _catalogue_lm("llama-small"),  # 8 q / 4 kv heads
     "gemma-small-mqa": _catalogue_lm("gemma-small"),  # 1 kv head
+    # 2 kv heads: on 4 devices each is held by 2 (the plan's copies).
+    "llama-small-kv2": _catalogue_lm("llama-small", num_key_value_heads=2),
 }
 SPEED = _catalogue_lm(
     "llama-small", vocabulary_size=4000, hidden_dim=256, intermediate_dim=512
