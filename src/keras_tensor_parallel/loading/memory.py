@@ -17,16 +17,24 @@ from keras_tensor_parallel.loading import place
 
 
 def device_bytes() -> dict[str, int]:
-    """Bytes held per device by every live JAX array (its shards)."""
+    """Bytes held per device by every live JAX array.
+
+    A shard's `data` is itself a live array on one device: buffers are
+    counted once each, by address.
+    """
+    seen: set = set()
     out: dict[str, int] = {}
     for array in jax.live_arrays():
         try:
             shards = array.addressable_shards
+            for shard in shards:
+                data = shard.data
+                key = (str(shard.device), data.unsafe_buffer_pointer())
+                if key not in seen:
+                    seen.add(key)
+                    out[key[0]] = out.get(key[0], 0) + data.nbytes
         except RuntimeError:  # deleted while we iterate
             continue
-        for shard in shards:
-            key = str(shard.device)
-            out[key] = out.get(key, 0) + shard.data.nbytes
     return out
 
 
