@@ -22,9 +22,11 @@ from keras.distribution import TensorLayout
 from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.backends.jax_distribution import (
     AutoTPDistribution,
+    layout,
     make_mesh,
+    mesh_axes,
 )
-from keras_tensor_parallel.plan import ShardingPlan
+from keras_tensor_parallel.plan import Role, ShardingPlan
 from keras_tensor_parallel.plan.rules import LinearRule, rule_for
 
 BACKEND = "jax"
@@ -35,10 +37,6 @@ __all__ = ["JaxEngine", "available_devices", "make_mesh"]
 def available_devices() -> list[str]:
     """Device ids, accelerators first when present (`"gpu:0"`, `"cpu:3"`)."""
     return keras.distribution.list_devices()
-
-
-def layout(axes, mesh) -> TensorLayout:
-    return TensorLayout(tuple(axes), mesh)
 
 
 def replicated(ndim: int, mesh) -> TensorLayout:
@@ -159,7 +157,8 @@ def apply_plan(model, plan: ShardingPlan, mesh, journal, checkpoint) -> None:
     base.check_plan_matches(variables, plan)
     for v, entry in zip(variables, plan.variables):
         checkpoint()
-        journal.add(reshard(v, entry.axes, mesh, entry.padded_shape))
+        axes = mesh_axes(entry, mesh)
+        journal.add(reshard(v, axes, mesh, entry.padded_shape))
 
 
 def place_state(variables, mesh, params) -> None:
@@ -184,8 +183,14 @@ def place_state(variables, mesh, params) -> None:
 
 
 def install_vocab_slicing(model, plan: ShardingPlan, journal) -> None:
-    """Slice padded vocab logits back to the logical vocab size."""
-    padded_layers = {e.layer for e in plan if e.padded_shape is not None}
+    """Slice padded vocab logits back to the logical vocab size. (Padded
+    heads need no slicing: their zero rows in the row projection drop
+    them.)"""
+    padded_layers = {
+        e.layer
+        for e in plan
+        if e.padded_shape is not None and e.role == Role.VOCAB
+    }
     for layer in model._flatten_layers(include_self=True):
         if layer.path in padded_layers:
             journal.setattr(layer, "call", _reverse_sliced(layer))
@@ -296,7 +301,8 @@ class JaxEngine:
 
     Args:
         plan: The sharding plan.
-        device_ids: Device ids, one per model-axis position.
+        device_ids: Device ids, `data x plan.world_size` of them (one
+            per model-axis position when not data parallel).
 
     Example:
 
@@ -409,12 +415,10 @@ class JaxEngine:
         """Full weights; every process gathers, process 0 writes
         atomically (a temporary file renamed into place)."""
         method = model.save_weights if weights_only else model.save
-        overwrite = kwargs.pop("overwrite", True)
         if self.is_main:
-            base.atomic_write(
-                lambda p: method(p, **kwargs), filepath, overwrite=overwrite
-            )
+            base.write_file(method, filepath, **kwargs)
         else:
+            kwargs.pop("overwrite", None)
             with _scratch_path(filepath) as path:
                 method(path, **kwargs)
 

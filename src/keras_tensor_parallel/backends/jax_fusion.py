@@ -77,15 +77,22 @@ def _eligible(layer, plan: ShardingPlan) -> bool:
     kernel = letters[3]
     if entry.split_dim is None or entry.split_dim >= len(kernel):
         return False
+    size = entry.shape[entry.split_dim]
+    # Shared kv heads (copies > 1): `copies` devices hold each head.
+    whole = size * entry.copies == plan.world_size
     return kernel[entry.split_dim] in letters[2] and (
-        entry.shape[entry.split_dim] % plan.world_size == 0
+        size % plan.world_size == 0 or (entry.copies > 1 and whole)
     )
 
 
-def _fused_project(equations: tuple, splits: tuple, world_size: int):
+def _fused_project(
+    equations: tuple, splits: tuple, world_size: int, copies: tuple
+):
     """(x, kernels) -> outputs, with one reduction for d(x) in backward.
 
-    `splits` gives each kernel's sharded dim (a free output dim).
+    `splits` gives each kernel's sharded dim (a free output dim); `copies`
+    how many devices hold each of its blocks (shared kv heads: every one of
+    them computes the same input-gradient part, so each adds 1/copies).
     """
 
     @jax.custom_vjp
@@ -98,7 +105,7 @@ def _fused_project(equations: tuple, splits: tuple, world_size: int):
     def bwd(res, grads):
         x, kernels = res
         d_kernels, gs, ks = [], [], []
-        for e, split, g, k in zip(equations, splits, grads, kernels):
+        for e, split, c, g, k in zip(equations, splits, copies, grads, kernels):
             prefix, contract, free, kernel = _parse(e)
             d_kernels.append(
                 jnp.einsum(f"{prefix}{contract},{prefix}{free}->{kernel}", x, g)
@@ -110,6 +117,9 @@ def _fused_project(equations: tuple, splits: tuple, world_size: int):
             rest = free.replace(s, "")
             g = jnp.einsum(f"{prefix}{free}->{prefix}{s}{rest}", g)
             k = jnp.einsum(f"{kernel}->{contract}{s}{rest}", k)
+            if c > 1:  # one block per device, as the query heads are
+                g = jnp.repeat(g, c, axis=len(prefix)) / c
+                k = jnp.repeat(k, c, axis=len(contract))
             gs.append(g.reshape(*g.shape[: len(prefix)], world_size, -1))
             ks.append(
                 k.reshape(math.prod(k.shape[: len(contract)]), world_size, -1)
@@ -128,9 +138,10 @@ def _fused_project(equations: tuple, splits: tuple, world_size: int):
 class _Group:
     """Sibling layers reading one tensor; the first called computes all."""
 
-    def __init__(self, layers, splits, world_size: int):
+    def __init__(self, layers, splits, world_size: int, copies=None):
         self.layers = list(layers)
         self.splits = tuple(splits)
+        self.copies = tuple(copies or (1,) * len(self.layers))
         self.world_size = world_size
         self._projects: dict = {}
         self._stash: dict = {}
@@ -139,7 +150,7 @@ class _Group:
         equations = tuple(_equation(m, len(inputs.shape)) for m in self.layers)
         if equations not in self._projects:
             self._projects[equations] = _fused_project(
-                equations, self.splits, self.world_size
+                equations, self.splits, self.world_size, self.copies
             )
         return self._projects[equations](inputs, kernels)
 
@@ -202,8 +213,10 @@ def install(model, plan: ShardingPlan, *, journal=None) -> int:
         if not any(getattr(m, "_tp_fused", False) for m in g)
     ]
     for layers in groups:
-        splits = [plan.get(m.kernel.path).split_dim for m in layers]
-        group = _Group(layers, splits, plan.world_size)
+        entries = [plan.get(m.kernel.path) for m in layers]
+        splits = [e.split_dim for e in entries]
+        copies = [e.copies for e in entries]
+        group = _Group(layers, splits, plan.world_size, copies)
         for layer in layers:
             _wrap(layer, group, journal)
     return len(groups)
