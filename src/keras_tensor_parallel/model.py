@@ -34,6 +34,11 @@ class TensorParallelKeras(keras.Model):
         overrides: Ordered `{regex: axes or role}` applied on top of the
             automatic plan (see `plan_model`).
         plan: A ready `ShardingPlan` to use instead of planning.
+        tensor_parallel_size: Devices each Megatron plan is split over
+            (JAX); defaults to `world_size`. A divisor of `world_size`
+            gives a `(data=world_size/tensor_parallel_size,
+            model=tensor_parallel_size)` mesh: the batch is split over
+            the data axis and gradients are reduced over it.
 
     Example:
 
@@ -42,6 +47,8 @@ class TensorParallelKeras(keras.Model):
     tp.compile(optimizer="adam", loss="mse")
     tp.fit(x, y, epochs=1)
     print(tp.plan)
+    # 4 data-parallel replicas of a 2-way tensor-parallel model:
+    # TensorParallelKeras(model, world_size=8, tensor_parallel_size=2)
     ```
     """
 
@@ -54,6 +61,7 @@ class TensorParallelKeras(keras.Model):
         distributed_backend: str = "auto",
         overrides: dict | None = None,
         plan: ShardingPlan | None = None,
+        tensor_parallel_size: int | None = None,
         **kwargs,
     ):
         backend = devices_lib.validate_backend(distributed_backend)
@@ -68,20 +76,21 @@ class TensorParallelKeras(keras.Model):
         ids = devices_lib.resolve_devices(
             world_size=world_size, device_ids=device_ids, backend=backend
         )
+        tp_size = _tensor_parallel_size(tensor_parallel_size, ids, backend)
         if plan is None:
             # XLA slices unsplit operands that meet a split dim; the torch
             # engine runs the model's own code per rank and cannot.
             plan = plan_model(
                 model,
-                len(ids),
+                tp_size,
                 overrides=overrides,
                 slice_operands=backend == "jax",
             )
-        elif plan.world_size != len(ids):
+        elif plan.world_size != tp_size:
             raise ValueError(
-                f"plan.world_size ({plan.world_size}) must equal the number "
-                f"of devices ({len(ids)}). Received: plan for world size "
-                f"{plan.world_size}"
+                f"plan.world_size ({plan.world_size}) must equal the "
+                f"tensor-parallel size ({tp_size}). Received: plan for "
+                f"world size {plan.world_size}"
             )
         engine = base.make_engine(backend, plan, ids)
         name = kwargs.pop("name", f"tensor_parallel_{model.name}")
@@ -128,7 +137,18 @@ class TensorParallelKeras(keras.Model):
 
     @property
     def world_size(self) -> int:
+        """All devices: data-parallel x tensor-parallel size."""
+        return len(self._tp_engine.device_ids)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """Devices each replica's plan is split over (the model axis)."""
         return self._tp_plan.world_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Replicas the batch is split over (the data axis)."""
+        return self.world_size // self.tensor_parallel_size
 
     @property
     def device_ids(self) -> list[str]:
@@ -312,6 +332,30 @@ class TensorParallelKeras(keras.Model):
             "the original model, which loads on one device; wrap it again "
             "after loading."
         )
+
+
+def _tensor_parallel_size(size, ids: list[str], backend: str) -> int:
+    """The model-axis size: `size` (default all of `ids`), a positive
+    divisor of `len(ids)`; data parallelism only on the JAX engine."""
+    if size is None:
+        return len(ids)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            "tensor_parallel_size must be a positive integer or None. "
+            f"Received: tensor_parallel_size={size!r}"
+        )
+    if len(ids) % size:
+        raise ValueError(
+            f"tensor_parallel_size must divide world_size ({len(ids)}). "
+            f"Received: tensor_parallel_size={size}"
+        )
+    if size != len(ids) and backend != "jax":
+        raise ValueError(
+            "Data parallelism (tensor_parallel_size < world_size) runs on "
+            f"the JAX engine only. Received: tensor_parallel_size={size} "
+            f"with world_size={len(ids)} on the {backend} engine"
+        )
+    return size
 
 
 def _check_overrides(overrides) -> None:

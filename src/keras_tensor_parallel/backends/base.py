@@ -86,7 +86,9 @@ def make_engine(
     Args:
         backend: `"jax"` or `"torch"` (already validated).
         plan: The sharding plan.
-        device_ids: One device id per model-axis position.
+        device_ids: The devices: one per model-axis position, or a
+            multiple of `plan.world_size` for data-parallel replicas
+            (JAX; the mesh is `(data, model)`, see `jax_distribution`).
 
     Returns:
         An object implementing `Engine`.
