@@ -1,0 +1,201 @@
+"""Issue 15 (JAX): data parallel x tensor parallel on a (data, model) mesh.
+
+`TensorParallelKeras(model, world_size=4, tensor_parallel_size=2)` runs the
+Megatron plan over the model axis (2 devices) and splits the batch over the
+data axis (2 replicas). Every check compares with an independently trained
+single-device copy of the same weights, or reads what the devices hold.
+"""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from keras_tensor_parallel import TensorParallelKeras, catalogue
+from keras_tensor_parallel.comms.steps import compile_steps
+from keras_tensor_parallel.verify.training import null_gradient_variables
+
+XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+GLOBAL_BATCH = 12  # per device 12 / data: 12, 6, 3 (no clash with weights)
+STEPS = 3
+
+
+def mlp_case():
+    rng = np.random.RandomState(1)
+    x = rng.randn(GLOBAL_BATCH, 64).astype("float32")
+    y = rng.randn(GLOBAL_BATCH, 32).astype("float32")
+    return catalogue.seed_mlp, x, y, "mse"
+
+
+def lm_case(name):
+    spec = catalogue.get(name).variant(dropout=0.0)
+    vocab = spec.tiny_config.get("vocabulary_size", spec.vocab)
+    rng = np.random.RandomState(2)
+    ids = rng.randint(1, vocab, size=(GLOBAL_BATCH, 9)).astype("int32")
+    x = catalogue.lm_inputs(ids[:, :-1])
+    return catalogue.lm_builder(spec), x, ids[:, 1:], XENT
+
+
+def twins(build):
+    """The same weights in two independently built models."""
+    keras.utils.set_random_seed(0)
+    single = build()
+    parallel = build()
+    parallel.set_weights(single.get_weights())
+    return single, parallel
+
+
+def fit(model, x, y, loss):
+    # One step per epoch on the same global batch: history has every step.
+    # Adam(1e-3) as test_training: lr scales how far rounding noise moves
+    # weights whose gradient is near zero.
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    history = model.fit(
+        x, y, batch_size=GLOBAL_BATCH, epochs=STEPS, shuffle=False, verbose=0
+    )
+    return np.asarray(history.history["loss"])
+
+
+def assert_fit_matches(build, x, y, loss, tp_size):
+    single, parallel = twins(build)
+    tp = TensorParallelKeras(
+        parallel, world_size=4, tensor_parallel_size=tp_size
+    )
+    # Adam turns an exactly-zero gradient's rounding noise (attention key
+    # biases) into full steps of random sign: those weights are left out,
+    # as `verify.compare_training` does.
+    null = null_gradient_variables(single, x, y, loss)
+    want = fit(single, x, y, loss)
+    got = fit(tp, x, y, loss)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert want[-1] < want[0]  # it trained: the comparison can fail
+    # Per variable max|w_tp - w_ref| / max|w_ref|, as verify measures it.
+    pairs = zip(single.weights, single.get_weights(), tp.get_weights())
+    for v, w_single, w_tp in pairs:
+        if v.path not in null:
+            diff = np.max(np.abs(w_tp - w_single))
+            assert diff <= 1e-4 * np.max(np.abs(w_single)), v.path
+    return tp
+
+
+# fit equals one device -------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp_size", [4, 2, 1])
+def test_mlp_fit_matches_one_device_on_each_mesh(tp_size):
+    build, x, y, loss = mlp_case()
+    tp = assert_fit_matches(build, x, y, loss, tp_size)
+    mesh = tp.distribution.device_mesh
+    assert dict(zip(mesh.axis_names, mesh.shape)) == {
+        "data": 4 // tp_size,
+        "model": tp_size,
+    }
+    assert (tp.data_parallel_size, tp.tensor_parallel_size) == (
+        4 // tp_size,
+        tp_size,
+    )
+    assert tp.world_size == 4 and tp.plan.world_size == tp_size
+
+
+@pytest.mark.parametrize(
+    "name",
+    # GPT-2's odd vocab (1001, padded to 1002): ~40 s more on CPU.
+    ["opt-125m:tiny", pytest.param("gpt2:tiny", marks=pytest.mark.slow)],
+)
+def test_lm_fit_matches_one_device_data2_model2(name):
+    build, x, y, loss = lm_case(name)
+    tp = assert_fit_matches(build, x, y, loss, 2)
+    # The plan really splits over 2 devices inside each replica.
+    assert tp.plan.world_size == 2 and any(e.is_split for e in tp.plan)
+
+
+# What each device holds and computes -----------------------------------------
+
+
+def entry_param_bytes(tp) -> int:
+    """Ideal parameter bytes per device: split variables 1/model."""
+    total = 0
+    for v, e in zip(tp.wrapped_model.variables, tp.plan.variables):
+        shape = e.padded_shape or e.shape
+        full = int(np.prod(shape)) * np.dtype(v.dtype).itemsize
+        total += full // tp.tensor_parallel_size if e.is_split else full
+    return total
+
+
+def data_parameter_shapes(hlo: str) -> list:
+    """Per-device shapes of the compiled step's last two arguments: the
+    step takes `(state, (x, y))`, so they are x and y."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    found = re.findall(r"f32\[([\d,]+)\][^\n]* parameter\((\d+)\)", entry)
+    shapes = sorted((int(i), s) for s, i in found)
+    return [tuple(int(d) for d in s.split(",")) for _, s in shapes[-2:]]
+
+
+@pytest.mark.parametrize("tp_size", [4, 2, 1])
+def test_per_device_batch_and_bytes_at_ideal(tp_size):
+    build, x, y, _ = mlp_case()
+    keras.utils.set_random_seed(0)
+    tp = TensorParallelKeras(
+        build(), world_size=4, tensor_parallel_size=tp_size
+    )
+    tp.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    steps = compile_steps(tp, x, y)
+    # The compiled step takes the per-device share of the global batch.
+    per_device = GLOBAL_BATCH // (4 // tp_size)
+    assert data_parameter_shapes(steps.train_hlo) == [
+        (per_device, 64),
+        (per_device, 32),
+    ]
+    ideal = entry_param_bytes(tp)
+    params = tp.engine.per_device_bytes(tp.wrapped_model.variables)
+    assert len(params) == 4  # every device holds its share
+    assert set(params.values()) == {ideal}
+    # Adam: two slots per parameter, laid out as their parameter, plus
+    # the replicated scalars (iterations, learning rate).
+    optimizer = tp.optimizer.variables
+    scalars = sum(
+        np.dtype(v.dtype).itemsize for v in optimizer if len(v.shape) == 0
+    )
+    slots = tp.engine.per_device_bytes(optimizer)
+    assert set(slots.values()) == {2 * ideal + scalars}
+
+
+# Bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, rule",
+    [
+        (3, "must divide world_size"),
+        (8, "must divide world_size"),
+        (0, "positive integer"),
+        (-2, "positive integer"),
+        (2.0, "positive integer"),
+        ("2", "positive integer"),
+        (True, "positive integer"),
+    ],
+)
+def test_bad_tensor_parallel_size(value, rule):
+    model = catalogue.seed_mlp()
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match=rule) as info:
+        TensorParallelKeras(model, world_size=4, tensor_parallel_size=value)
+    assert f"Received: tensor_parallel_size={value!r}" in str(info.value)
+    # The failed call left the model as it was.
+    assert not getattr(model, "_tp_wrapped", False)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert all(len(v.value.sharding.device_set) == 1 for v in model.variables)
+
+
+def test_plan_for_other_size_is_refused():
+    from keras_tensor_parallel.plan import plan_model
+
+    model = catalogue.seed_mlp()
+    plan = plan_model(model, 4)
+    with pytest.raises(ValueError, match="tensor-parallel size"):
+        TensorParallelKeras(
+            model, world_size=4, tensor_parallel_size=2, plan=plan
+        )
