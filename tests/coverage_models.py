@@ -107,6 +107,7 @@ def opt_heads(heads):
         hidden_dim=8 * heads,
         intermediate_dim=16 * heads,
         max_sequence_length=32,
+        dropout=0.0,
         **_LAYERS,
     )
 
@@ -136,6 +137,7 @@ ROWS = {
     "gemma3": Row(gemma3, 4),
     "qwen3-kv2": Row(qwen3_kv2, 4),
     "opt-12-heads": Row(opt_heads(12), 8),
+    "opt-6-heads": Row(opt_heads(6), 4),
 }
 
 

@@ -122,14 +122,36 @@ def test_norm_over_split_dim_blocks_column():
     assert "normalizes over the split dim" in first.reason
 
 
-def test_indivisible_width_is_replicated_with_reason():
+def test_indivisible_width_is_padded_or_replicated_with_reason():
     model = keras.Sequential(
         [keras.Input((8,)), keras.layers.Dense(15), keras.layers.Dense(4)]
     )
-    plan = plan_model(model, 2)
-    first = [e for e in plan if e.path.endswith("kernel")][0]
+    # XLA runs the padded program: 15 features padded to 16 with zeros.
+    kernels = [e for e in plan_model(model, 2) if e.path.endswith("kernel")]
+    first, second = kernels
+    assert first.role == Role.COLUMN and first.padded_shape == (8, 16)
+    assert first.per_device_shape(2) == (8, 8)
+    assert second.role == Role.ROW and second.padded_shape == (16, 4)
+    assert "do not divide by 2: padded to 16" in first.reason
+    # An engine running the model's own code per rank cannot pad.
+    strict = plan_model(model, 2, slice_operands=False)
+    first = [e for e in strict if e.path.endswith("kernel")][0]
     assert first.role == Role.REPLICATED
     assert "not divisible" in first.reason
+
+
+def test_padding_refused_where_padded_features_would_not_stay_zero():
+    # sigmoid(0) = 0.5: the row would read (and train) nonzero padding.
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(15, activation="sigmoid"),
+            keras.layers.Dense(4),
+        ]
+    )
+    first = [e for e in plan_model(model, 2) if e.path.endswith("kernel")][0]
+    assert first.role == Role.REPLICATED
+    assert "nonzero padded features" in first.reason
 
 
 def test_odd_vocab_is_padded_not_replicated():
@@ -148,7 +170,7 @@ def test_odd_vocab_is_padded_not_replicated():
     assert "padded to 1004" in entry.reason
 
 
-def test_gqa_with_indivisible_kv_heads_replicates_kv():
+def test_gqa_with_fewer_kv_heads_than_devices_shares_them():
     model = zoo.llama(
         vocabulary_size=256,
         num_layers=1,
@@ -163,12 +185,20 @@ def test_gqa_with_indivisible_kv_heads_replicates_kv():
     v = plan["transformer_layer_0/self_attention/value/kernel"]
     o = plan["transformer_layer_0/self_attention/attention_output/kernel"]
     assert q.role == Role.HEADS and q.axes == (None, "model", None)
-    assert k.role == v.role == Role.REPLICATED
-    assert "not divisible" in k.reason
+    # Each device holds the one kv head its two query heads read.
+    for e in (k, v):
+        assert e.axes == (None, "model", None) and e.copies == 2
+        assert e.per_device_shape(4) == (64, 1, 8)
+        assert "2 kv heads for 4 devices" in e.reason
     assert o.role == Role.ROW
     # At N=2 the two kv heads divide and are split with the queries.
     plan2 = plan_model(model, 2)
-    assert plan2["transformer_layer_0/self_attention/key/kernel"].is_split
+    k2 = plan2["transformer_layer_0/self_attention/key/kernel"]
+    assert k2.is_split and k2.copies == 1
+    # Without slicing, as on torch, the kv heads stay replicated.
+    strict = plan_model(model, 4, slice_operands=False)
+    k = strict["transformer_layer_0/self_attention/key/kernel"]
+    assert k.role == Role.REPLICATED
 
 
 def test_every_replicated_variable_has_a_reason():

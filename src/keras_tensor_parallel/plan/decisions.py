@@ -14,6 +14,7 @@ import keras
 from keras_tensor_parallel.plan import graph as graph_lib
 from keras_tensor_parallel.plan import propagate as prop
 from keras_tensor_parallel.plan import rules
+from keras_tensor_parallel.plan.padding import padded_size
 from keras_tensor_parallel.plan.plan import MODEL_AXIS, Role, VariablePlan
 from keras_tensor_parallel.plan.projections import find_projections
 from keras_tensor_parallel.plan.regions import (
@@ -47,6 +48,7 @@ class Planner:
         self.decided: dict[int, tuple] = {}
         self.proj_reason: dict[int, str] = {}  # id(projection) -> reason
         self.split_tensors: set[int] = set()  # split by committed regions
+        self.pad = 0  # the logical size padded by the region committed now
         self.rules: dict[int, object] = {}
         self.owner: dict[int, keras.layers.Layer] = {}
         for layer in model._flatten_layers(include_self=True):
@@ -132,12 +134,13 @@ class Planner:
         reasons, found = [], []
         for label in labels:
             size = proj.rule.label_size(label)
-            if size % self.n:
+            pad = size % self.n != 0
+            if pad and not self.grower.slice_operands:
                 reasons.append(
                     f"output dim {size} not divisible by world size {self.n}"
                 )
                 continue
-            region = self._first_region(proj, label, reasons)
+            region = self._first_region(proj, label, reasons, pad)
             if region is not None:
                 found.append((label, region))
         if not found:
@@ -145,12 +148,18 @@ class Planner:
             return
         self._commit(*_cheapest(found))
 
-    def _first_region(self, proj, label, reasons):
+    def _first_region(self, proj, label, reasons, pad: bool):
         for recruit in (True, False):
             try:
-                return self.grower.grow(proj, label, recruit)
+                return self.grower.grow(proj, label, recruit, pad)
             except prop.Conflict as e:
-                reasons.append(str(e))
+                size = proj.rule.label_size(label)
+                prefix = (
+                    f"{size} does not divide by {self.n} and cannot be padded: "
+                    if pad
+                    else ""
+                )
+                reasons.append(prefix + str(e))
         return None
 
     def _commit(self, region, why: str = "") -> None:
@@ -162,17 +171,30 @@ class Planner:
         if region.batch or region.reductions:
             self._commit_experts(region, why)
             return
+        self.pad = region.pad
         for proj, label in region.columns.values():
+            copies = region.column_copies.get(id(proj), 1)
+            if copies > 1:
+                self._commit_shared(proj, label, copies)
+                continue
             self._commit_column(proj.rule, label, row_names, why)
         for proj, label in region.rows.values():
             r = proj.rule
+            size = r.label_size(label)
+            split = (
+                f"{size} input features padded to "
+                f"{padded_size(size, self.n)} with zero rows"
+                if self.pad
+                else f"{size} input features split"
+            )
             reason = (
-                f"row-parallel: {r.label_size(label)} input features split "
-                f"(from {col_names}); output all-reduced{why}"
+                f"row-parallel: {split} (from {col_names}); output "
+                f"all-reduced{why}"
             )
             self._decide(r.kernel, r.kernel_spec, label, Role.ROW, reason)
             if r.bias is not None:
                 self._replicate(r.bias, ROW_BIAS_REASON)
+        self.pad = 0
 
     def _commit_experts(self, region, why: str) -> None:
         members = [*region.columns.values(), *region.batch.values()]
@@ -191,17 +213,39 @@ class Planner:
             r = proj.rule
             self._decide(r.kernel, r.kernel_spec, label, Role.ROW, reason)
 
+    def _commit_shared(self, proj, label, copies) -> None:
+        r, size = proj.rule, proj.rule.label_size(label)
+        reason = (
+            f"{proj.name}: {size} kv heads for {self.n} devices: each device "
+            f"holds the 1 its query heads read, shared with {copies - 1} "
+            "other device(s) that sum its gradient"
+        )
+        self._decide(r.kernel, r.kernel_spec, label, Role.HEADS, reason, copies)
+        if r.bias is not None and label in r.bias_spec:
+            self._decide(r.bias, r.bias_spec, label, Role.HEADS, reason, copies)
+        elif r.bias is not None:
+            self._replicate(r.bias, "bias over unsplit dims")
+
     def _commit_column(self, r, label, row_names, why) -> None:
         size = r.label_size(label)
         out_only = r.column_labels()
         heads = out_only.index(label) < len(out_only) - 1
         role = Role.HEADS if heads else Role.COLUMN
+        what = "heads" if heads else "output features"
+        if self.pad:
+            padded = padded_size(size, self.n)
+            split = (
+                f"{size} {what} do not divide by {self.n}: padded to "
+                f"{padded} with zero {what}, {padded // self.n} per device "
+                "(their rows in the row projection are zero, so results "
+                "are exact)"
+            )
+        else:
+            split = f"{size} {what} split"
         reason = (
-            f"heads: {size} heads split, attention stays per head; "
-            f"row: {row_names}{why}"
+            f"heads: {split}, attention stays per head; row: {row_names}{why}"
             if heads
-            else f"column-parallel: {size} output features split; "
-            f"row: {row_names}{why}"
+            else f"column-parallel: {split}; row: {row_names}{why}"
         )
         self._decide(r.kernel, r.kernel_spec, label, role, reason)
         if r.bias is not None:
@@ -210,10 +254,16 @@ class Planner:
             else:
                 self._replicate(r.bias, "bias over unsplit dims")
 
-    def _decide(self, var, spec, label, role, reason) -> None:
+    def _decide(self, var, spec, label, role, reason, copies=1) -> None:
+        dim = len(var.shape) - len(spec) + spec.index(label)
         axes = [None] * len(var.shape)
-        axes[spec.index(label)] = MODEL_AXIS
-        self.decided[id(var)] = (tuple(axes), role, reason)
+        axes[dim] = MODEL_AXIS
+        padded = None
+        if self.pad:
+            padded = list(var.shape)
+            padded[dim] = padded_size(padded[dim], self.n)
+            padded = tuple(padded)
+        self.decided[id(var)] = (tuple(axes), role, reason, padded, copies)
 
     def _replicate(self, var, reason) -> None:
         self.decided[id(var)] = (
@@ -227,12 +277,14 @@ class Planner:
     def _entry(self, v) -> VariablePlan:
         layer = self.owner.get(id(v))
         decided = self.decided.get(id(v))
+        padded, copies = None, 1
         if decided is not None:
-            axes, role, reason = decided[:3]
-            padded = decided[3] if len(decided) > 3 else None
+            axes, role, reason, *rest = decided
+            padded = rest[0] if rest else None
+            copies = rest[1] if len(rest) > 1 else 1
         else:
             axes, role = (None,) * len(v.shape), Role.REPLICATED
-            reason, padded = self._replicated_reason(v, layer), None
+            reason = self._replicated_reason(v, layer)
         return VariablePlan(
             path=v.path,
             shape=tuple(v.shape),
@@ -242,6 +294,7 @@ class Planner:
             reason=reason,
             layer=getattr(layer, "path", "") or "",
             padded_shape=padded,
+            copies=copies,
         )
 
     def _replicated_reason(self, v, layer) -> str:
@@ -255,6 +308,12 @@ class Planner:
         if isinstance(r, rules.ReplicatedRule):
             return r.reason
         proj = self.proj_of_var.get(id(v))
+        if proj is not None and self._read_by_split_heads(proj):
+            size = proj.rule.label_size(proj.rule.column_labels()[0])
+            return (
+                f"{proj.name}: {size} kv head(s) for {self.n} devices: every "
+                "device holds them whole, as its query heads read them"
+            )
         if proj is not None and id(proj) in self.proj_reason:
             return self.proj_reason[id(proj)]
         if isinstance(r, rules.LinearRule):
@@ -267,6 +326,28 @@ class Planner:
         if not v.trainable:
             return "non-trainable state: replicated"
         return f"{type(layer).__name__} has no split rule: replicated"
+
+    def _read_by_split_heads(self, proj, depth: int = 24) -> bool:
+        """Whether `proj` has fewer heads than devices and its output meets
+        a split tensor within `depth` ops (kv heads read by split query
+        heads)."""
+        labels = proj.rule.column_labels()
+        if len(labels) < 2 or proj.rule.label_size(labels[0]) >= self.n:
+            return False
+        frontier = [t for node in proj.nodes for t in node.outputs]
+        seen = set()
+        for _ in range(depth):
+            nxt = []
+            for t in frontier:
+                for index, _ in self.graph.consumers.get(id(t), []):
+                    node = self.graph.nodes[index]
+                    if any(id(x) in self.split_tensors for x in node.inputs):
+                        return True
+                    if index not in seen and index not in self.projections:
+                        seen.add(index)
+                        nxt += node.outputs
+            frontier = nxt
+        return False
 
 
 def _opaque_reason(outer, why) -> str:
@@ -288,7 +369,11 @@ def _cheapest(found: list[tuple]) -> tuple:
     `why` is empty unless the choice beat another candidate."""
 
     def cost(region):
-        return -split_elements(region), collective_elements(region)
+        return (
+            -split_elements(region),
+            region.pad > 0,
+            collective_elements(region),
+        )
 
     best = min(range(len(found)), key=lambda i: (cost(found[i][1]), i))
     region = found[best][1]

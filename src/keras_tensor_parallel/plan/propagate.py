@@ -55,6 +55,12 @@ def known(node) -> bool:
     return node.type_name in _PROPAGATORS
 
 
+def rule_name(node) -> str | None:
+    """Name of the propagator function `node` is matched to, or None."""
+    fn = _PROPAGATORS.get(node.type_name)
+    return fn.__name__ if fn is not None else None
+
+
 def propagate(node, dims: Sequence[int | None]) -> Dims:
     """Split dim of each output of `node`, given the split dim per input."""
     fn = _PROPAGATORS.get(node.type_name)

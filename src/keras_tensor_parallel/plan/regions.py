@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import math
 
+from keras_tensor_parallel.plan import padding
 from keras_tensor_parallel.plan import propagate as prop
 
 # How far back a recruit is searched from the op where it meets the split.
@@ -37,6 +38,15 @@ class Region:
         self.queue: collections.deque = collections.deque()
         # (op name, tensor): unsplit full-size operands meeting the split.
         self.full_operands: list[tuple] = []
+        # Logical size of a split dim stored padded to a multiple of N
+        # (0: not padded), and the tensors zero on its padded entries.
+        self.pad = 0
+        self.zero: set[int] = set()
+        self.visited: dict[int, object] = {}  # node index -> node
+        # Devices sharing each block of a split smaller than N (kv heads
+        # read by the query heads of several devices): id -> copies.
+        self.copies: dict[int, int] = {}
+        self.column_copies: dict[int, int] = {}  # id(projection) -> copies
 
 
 class RegionGrower:
@@ -74,9 +84,11 @@ class RegionGrower:
         self.split_tensors = split_tensors
         self.slice_operands = slice_operands
 
-    def grow(self, proj, label, recruit: bool) -> Region:
-        """The region started by splitting `proj`'s output on `label`."""
+    def grow(self, proj, label, recruit: bool, pad: bool = False) -> Region:
+        """The region started by splitting `proj`'s output on `label`
+        (stored padded to a multiple of N when `pad`)."""
         region = Region()
+        region.pad = proj.rule.label_size(label) if pad else 0
         self._add_column(region, proj, label)
         while region.queue:
             t = region.queue.popleft()
@@ -90,7 +102,13 @@ class RegionGrower:
     def _is_decided(self, proj) -> bool:
         return id(proj.kernel) in self.decided
 
-    def _add_column(self, region, proj, label) -> None:
+    def _fits(self, region, size) -> bool:
+        """Whether a split dim of `size` can be split in `region`."""
+        if region.pad:
+            return size == region.pad
+        return size is not None and size % self.n == 0
+
+    def _add_column(self, region, proj, label, copies: int = 1) -> None:
         if not proj.nodes:
             raise prop.Conflict(f"{proj.name} is never called")
         if self._is_decided(proj):
@@ -101,15 +119,23 @@ class RegionGrower:
                 raise prop.Conflict(f"{proj.name} input is already split")
             out = node.outputs[0]
             dim = dim_of(proj.rule.output_spec, out, label)
-            self._set_split(region, out, dim)
+            self._set_split(region, out, dim, copies)
+            if padding.zero_output(proj):  # zero kernel columns and bias
+                region.zero.add(id(out))
 
-    def _set_split(self, region, t, dim: int) -> None:
+    def _set_split(self, region, t, dim: int, copies: int = 1) -> None:
         if id(t) in region.split:
             if region.split[id(t)] != dim:
                 raise prop.Conflict("a tensor would be split on two dims")
+            if region.copies.get(id(t), 1) != copies:
+                raise prop.Conflict("a tensor would be shared two ways")
             return
         size = t.shape[dim]
-        if size is None or size % self.n:
+        if copies > 1:
+            if size is None or size * copies != self.n:
+                raise prop.Conflict("shared heads do not fill the devices")
+            region.copies[id(t)] = copies
+        elif not self._fits(region, size):
             raise prop.Conflict(
                 f"split dim of size {size} not divisible by {self.n}"
             )
@@ -117,6 +143,7 @@ class RegionGrower:
         region.queue.append(t)
 
     def _visit(self, region, node, recruit: bool) -> None:
+        region.visited[node.index] = node
         if any(id(x) in self.split_tensors for x in node.inputs):
             raise prop.Conflict(f"{node.name} is inside another split region")
         dims = [region.split.get(id(x)) for x in node.inputs]
@@ -124,7 +151,7 @@ class RegionGrower:
         if proj is not None:
             self._visit_projection(region, node, proj, dims)
             return
-        if self._ends_with_sum(node, dims):
+        if self._ends_with_sum(region, node, dims):
             region.reductions.append(node)
             return
         if node.opaque_reason:
@@ -134,17 +161,50 @@ class RegionGrower:
                 f"flows into {type(node.op).__name__} {node.name}, which "
                 "cannot take a split input"
             )
+        if region.pad and not padding.pad_safe(node):
+            raise prop.Conflict(
+                f"{node.type_name} {node.name} would see the padding"
+            )
         outs = prop.propagate(node, dims)
         full = self._full_operands(node, dims, outs, region)
         region.full_operands += [(node.name, x) for x, _ in full]
         if recruit:
             for x, c in full:
                 self._recruit_producer(region, x, c, depth=0)
+        copies = self._copies_in(region, node)
         for t, d in zip(node.outputs, outs):
             if d is not None:
-                self._set_split(region, t, d)
+                shared = self._copies_out(t, d) if copies else 1
+                self._set_split(region, t, d, shared)
+
+    def _copies_in(self, region, node) -> int:
+        """Copies of the split inputs of `node` (0 if none is shared)."""
+        split = [
+            region.copies.get(id(x), 1)
+            for x in node.inputs
+            if id(x) in region.split
+        ]
+        if not any(c > 1 for c in split):
+            return 0
+        if len(set(split)) > 1:
+            raise prop.Conflict(f"{node.name} mixes shared and split heads")
+        return split[0]
+
+    def _copies_out(self, t, d) -> int:
+        """Copies of an output split on `d`: a repeat widens shared heads
+        (k repeated to meet q) until every device holds its own."""
+        size = t.shape[d]
+        if size % self.n == 0:
+            return 1
+        if self.n % size:
+            raise prop.Conflict("shared heads change size unevenly")
+        return self.n // size
 
     def _visit_projection(self, region, node, proj, dims) -> None:
+        if any(id(x) in region.copies for x in node.inputs):
+            raise prop.Conflict(
+                f"{proj.name} would contract heads shared by devices"
+            )
         if any(d is not None for d in dims[1:]):
             raise prop.Conflict(f"{node.name}: split tensor as extra input")
         r = proj.rule
@@ -164,7 +224,7 @@ class RegionGrower:
             )
             self._set_split(region, out, dim)
             return
-        if self.slice_operands and label in r.output_spec:
+        if self.slice_operands and label in r.output_spec and not region.pad:
             # A label of input, kernel and output: split all three.
             self._add_batch(region, proj, label)
             out = node.outputs[0]
@@ -181,8 +241,10 @@ class RegionGrower:
             raise prop.Conflict(f"{proj.name} batch dim indivisible")
         region.batch[id(proj)] = (proj, label)
 
-    def _ends_with_sum(self, node, dims) -> bool:
-        if not self.slice_operands or node.type_name != "Sum":
+    def _ends_with_sum(self, region, node, dims) -> bool:
+        if not self.slice_operands or node.type_name != "Sum" or region.pad:
+            return False
+        if any(id(x) in region.copies for x in node.inputs):
             return False
         if len(node.inputs) != 1 or dims[0] is None:
             return False
@@ -194,7 +256,7 @@ class RegionGrower:
             raise prop.Conflict(f"{proj.name} is already planned")
         if id(proj) in region.columns:
             raise prop.Conflict(f"{proj.name} would be column and row")
-        if proj.rule.label_size(label) % self.n:
+        if not self._fits(region, proj.rule.label_size(label)):
             raise prop.Conflict(f"{proj.name} contracted dim indivisible")
         prev = region.rows.get(id(proj))
         if prev is not None and prev[1] != label:
@@ -257,24 +319,41 @@ class RegionGrower:
             return
         r = proj.rule
         label = label_at(r.output_spec, t, dim)
-        if label not in r.column_labels() or r.label_size(label) % self.n:
+        if label not in r.column_labels():
             return
+        size = r.label_size(label)
+        copies = 1
+        if not self._fits(region, size):
+            # Fewer kv heads than devices: each device holds the one its
+            # query heads read (vLLM's duplication), if that is exact.
+            if region.pad or not self.slice_operands or self.n % size:
+                return
+            copies = self.n // size
         # Every call of the recruit splits its output (a layer called
         # twice, like DeBERTa's key on hidden and position states), so
         # none of its calls may read a tensor the region splits.
         if any(id(x) in region.split for c in proj.nodes for x in c.inputs):
             return
-        self._add_column(region, proj, label)
+        region.column_copies[id(proj)] = copies
+        self._add_column(region, proj, label, copies)
 
     def _check_complete(self, region) -> None:
         if not region.rows and not region.reductions:
             raise prop.Conflict("no row-parallel consumer")
-        if not self.slice_operands:
+        if not self.slice_operands or region.pad:
             for name, x in region.full_operands:
                 if id(x) not in region.split:
                     raise prop.Conflict(
                         f"{name}: an unsplit full-size tensor meets the "
-                        "split dim (this engine cannot slice it)"
+                        "split dim (this engine cannot slice it, or it "
+                        "cannot be padded)"
+                    )
+        if region.pad:
+            self._track_zero(region)
+            for proj, _ in region.rows.values():
+                if any(id(n.inputs[0]) not in region.zero for n in proj.nodes):
+                    raise prop.Conflict(
+                        f"{proj.name} would read nonzero padded features"
                     )
         for proj, _ in (*region.rows.values(), *region.batch.values()):
             for node in proj.nodes:
@@ -282,6 +361,23 @@ class RegionGrower:
                     raise prop.Conflict(
                         f"{proj.name} is also called on an unsplit input"
                     )
+
+    def _track_zero(self, region) -> None:
+        """Mark, in dataflow order, the tensors zero on the padding."""
+        for index in sorted(region.visited):
+            node = region.visited[index]
+            proj = self.proj_at.get(index)
+            if proj is None:
+                zero = padding.keeps_zero(node, region.zero)
+            else:  # a pass-through projection without a bias
+                zero = (
+                    id(proj) not in region.rows
+                    and proj.rule.bias is None
+                    and padding.zero_output(proj)
+                    and id(node.inputs[0]) in region.zero
+                )
+            if zero:
+                region.zero.update(id(t) for t in node.outputs)
 
 
 def collective_elements(region) -> int:
