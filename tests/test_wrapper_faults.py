@@ -274,6 +274,25 @@ def test_save_replaces_the_file_and_leaves_no_temporary(tmp_path):
     )
 
 
+def test_save_without_overwrite_asks_first(tmp_path, monkeypatch):
+    from keras.src.utils import io_utils
+
+    tp, x, _ = _trained_mlp()
+    path = tmp_path / "m.keras"
+    path.write_text("an old file")
+    answers = iter([False, True])
+    monkeypatch.setattr(
+        io_utils, "ask_to_proceed_with_overwrite", lambda p: next(answers)
+    )
+    tp.save(path, overwrite=False)  # the user says no
+    assert path.read_text() == "an old file"
+    tp.save(path, False)  # yes (positional, as keras.Model.save takes it)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), tp.predict(x, verbose=0), atol=1e-5
+    )
+
+
 SAVER = textwrap.dedent(
     """
     import sys

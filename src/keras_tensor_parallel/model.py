@@ -289,7 +289,7 @@ class TensorParallelKeras(keras.Model):
 
     def save_weights(self, filepath, *args, **kwargs):
         """Full weights, written atomically (as `save`)."""
-        kwargs.update(zip(("overwrite",), args))
+        kwargs.update(zip(("overwrite", "max_shard_size"), args))
         self._tp_engine.save(
             self._tp_model, filepath, weights_only=True, **kwargs
         )

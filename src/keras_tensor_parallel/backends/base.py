@@ -305,3 +305,14 @@ def atomic_write(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_file(method: Callable, filepath, **kwargs) -> None:
+    """`method(filepath, **kwargs)` (a Keras `save`/`save_weights`),
+    atomically through `atomic_write`; with `max_shard_size` Keras writes
+    several files, which are written in place."""
+    overwrite = kwargs.pop("overwrite", True)
+    if kwargs.get("max_shard_size"):
+        method(filepath, overwrite=overwrite, **kwargs)
+        return
+    atomic_write(lambda p: method(p, **kwargs), filepath, overwrite=overwrite)

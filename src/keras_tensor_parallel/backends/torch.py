@@ -206,17 +206,12 @@ class TorchEngine:
         """Every rank gathers the split variables; rank 0 writes
         atomically. An error on any rank is raised on every rank."""
         method = model.save_weights if weights_only else model.save
-        overwrite = kwargs.pop("overwrite", True)
         split = [v for v in model.variables if roles.is_split(v)]
         error = None
         try:
             with _gathered(split):
                 if self.is_main:
-                    base.atomic_write(
-                        lambda p: method(p, **kwargs),
-                        filepath,
-                        overwrite=overwrite,
-                    )
+                    base.write_file(method, filepath, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             error = e
         failed = tc.first_error(error)
