@@ -26,7 +26,7 @@ import numpy as np
 from keras_tensor_parallel.comms.hlo import Collective, collectives
 from keras_tensor_parallel.comms.minimum import Minimum, megatron_minimum
 from keras_tensor_parallel.comms.report import is_weight_gather, layer_of
-from keras_tensor_parallel.plan import ShardingPlan, format_bytes
+from keras_tensor_parallel.plan import DATA_AXIS, ShardingPlan, format_bytes
 from keras_tensor_parallel.plan.plan import dtype_bytes
 
 _LOOP = "/while/body/"
@@ -51,6 +51,8 @@ class DecodeReport:
         cache_device_shape: Per-device shape of the cache the decode loop
             carries, read from the compiled module.
         compile_s: Seconds to compile.
+        data_parallel: Replicas the batch is split over (a `(data, model)`
+            mesh); collectives and minima are per replica's rows.
     """
 
     plan: ShardingPlan
@@ -66,6 +68,7 @@ class DecodeReport:
     cache_dtype: str
     cache_device_shape: tuple[int, ...]
     compile_s: float
+    data_parallel: int = 1
 
     # Split of the decode step ---------------------------------------------
 
@@ -105,7 +108,8 @@ class DecodeReport:
         Samplers that need the whole distribution: its gather."""
         if not self._vocab_split:
             return ()
-        b, n = self.batch_size, self.plan.world_size
+        b = self.batch_size // self.data_parallel
+        n = self.plan.world_size
         out = [("softmax max", b * 4), ("softmax sum", b * 4)]
         if self.top_k:
             size = b * n * self.top_k * 4
@@ -172,6 +176,7 @@ class DecodeReport:
             "model": self.plan.model_name,
             "world_size": self.plan.world_size,
             "batch_size": self.batch_size,
+            "data_parallel": self.data_parallel,
             "max_length": self.max_length,
             "prompt_length": self.prompt_length,
             "sampler": self.sampler,
@@ -219,7 +224,8 @@ class DecodeReport:
         s_min = self.sampling_minimum
         lines += [
             "",
-            f"world size {self.plan.world_size}, batch {self.batch_size}, "
+            f"world size {self.plan.world_size}, batch {self.batch_size} "
+            f"({self.data_parallel} data replica(s)), "
             f"prompt {self.prompt_length}, max length {self.max_length}",
             f"model:    {len(self.model_collectives)} collectives, "
             f"{format_bytes(self.model_bytes)} per token; minimum "
@@ -358,6 +364,9 @@ def analyze_decode(
     text = generator.compile(inputs).as_text()
     seconds = time.perf_counter() - start
     shape, dtype = generator.cache_shape
+    # On a (data, model) mesh each replica runs its rows of the batch.
+    data = dict(tp.engine.mesh.backend_mesh.shape).get(DATA_AXIS, 1)
+    rows = batch_size // data if batch_size % data == 0 else batch_size
     found = collectives(text)
     return DecodeReport(
         plan=tp.plan,
@@ -368,11 +377,12 @@ def analyze_decode(
         top_k=_top_k(model.sampler),
         decode=[c for c in found if _LOOP in c.op_name],
         prefill=[c for c in found if _LOOP not in c.op_name],
-        minimum=megatron_minimum(tp.plan, batch_size=batch_size, seq_len=1),
+        minimum=megatron_minimum(tp.plan, batch_size=rows, seq_len=1),
         cache_shape=tuple(shape),
         cache_dtype=dtype,
         cache_device_shape=loop_cache_shape(text, shape),
         compile_s=seconds,
+        data_parallel=batch_size // rows,
     )
 
 

@@ -16,7 +16,12 @@ from keras_tensor_parallel.generation import (
     sampler_variables,
     splits_heads,
 )
-from keras_tensor_parallel.plan import MODEL_AXIS, Role, ShardingPlan
+from keras_tensor_parallel.plan import (
+    DATA_AXIS,
+    MODEL_AXIS,
+    Role,
+    ShardingPlan,
+)
 
 
 class JaxGenerator:
@@ -50,9 +55,10 @@ class JaxGenerator:
 
         if not splits_heads(self.engine.plan, int(shape[HEADS_DIM])):
             return None
-        spec = [None] * len(shape)
-        spec[HEADS_DIM] = MODEL_AXIS
         mesh = self.engine.mesh.backend_mesh
+        spec = [None] * len(shape)
+        spec[0] = batch_axis(mesh, int(shape[0]))
+        spec[HEADS_DIM] = MODEL_AXIS
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     def _generate(self, inputs, state, stop_token_ids=None):
@@ -120,6 +126,13 @@ class JaxGenerator:
             return lowered.compile()
 
 
+def batch_axis(mesh, batch: int):
+    """`DATA_AXIS` where a `(data, model)` mesh splits the batch (as the
+    distribution lays out generate's inputs), else `None`."""
+    size = dict(mesh.shape).get(DATA_AXIS, 1)
+    return DATA_AXIS if size > 1 and batch % size == 0 else None
+
+
 def _vocab_split(plan: ShardingPlan) -> bool:
     return any(e.role == Role.VOCAB and e.is_split for e in plan)
 
@@ -144,6 +157,7 @@ def top_k_over_shards(probabilities, k: int, mesh):
         probabilities, ((0, 0), (0, pad)), constant_values=-1.0
     )
     local = (vocab + pad) // n
+    rows = batch_axis(mesh, int(probabilities.shape[0]))
 
     def best(shard):
         values, index = jax.lax.top_k(shard, k)
@@ -156,8 +170,8 @@ def top_k_over_shards(probabilities, k: int, mesh):
     return jax.shard_map(
         best,
         mesh=mesh,
-        in_specs=PartitionSpec(None, MODEL_AXIS),
-        out_specs=(PartitionSpec(), PartitionSpec()),
+        in_specs=PartitionSpec(rows, MODEL_AXIS),
+        out_specs=(PartitionSpec(rows), PartitionSpec(rows)),
         check_vma=False,
     )(probabilities)
 
@@ -178,6 +192,9 @@ def _split_top_k(sampler, engine):
     mesh = engine.mesh.backend_mesh
 
     def get_next_token(probabilities):
+        shard_rows = -(-probabilities.shape[-1] // mesh.shape[MODEL_AXIS])
+        if sampler.k > shard_rows:  # fewer than k candidates per device
+            return type(sampler).get_next_token(sampler, probabilities)
         values, index = top_k_over_shards(probabilities, sampler.k, mesh)
         sample = keras.random.categorical(
             ops.cast(ops.log(values), "float32"),
