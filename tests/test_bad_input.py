@@ -156,3 +156,15 @@ def test_wrapping_twice_is_rejected():
     TensorParallelKeras(model, world_size=2)
     with pytest.raises(ValueError, match="already tensor-parallel"):
         TensorParallelKeras(model, world_size=2)
+
+
+def test_nccl_on_gpus_is_the_keras_backends_engine(monkeypatch):
+    from keras_tensor_parallel import devices
+
+    # NCCL is what the engines use between GPUs: with GPUs visible, "nccl"
+    # names the engine of the Keras backend in use (no GPU here: faked).
+    monkeypatch.setattr(
+        devices, "available_devices", lambda backend=None: ["gpu:0", "gpu:1"]
+    )
+    assert devices.validate_backend("nccl") == "jax"
+    assert devices.validate_backend("NCCL") == "jax"
