@@ -54,12 +54,16 @@ def dataset_paths(model, skip=()) -> dict[int, str]:
             variables (LoRA-merged or re-quantized kernels).
     """
     recorder = _PathRecorder()
+    skipped = {id(obj) for obj in skip}
+    # Only the model's own weights: a compiled model's optimizer state is
+    # saved beside them but is not what loading or checkpoint keys need.
+    skipped.add(id(getattr(model, "optimizer", None)))
     saving_lib._save_state(
         model,
         weights_store=recorder,
         assets_store=None,
         inner_path="",
-        visited_saveables={id(obj) for obj in skip},
+        visited_saveables=skipped,
     )
     if recorder.foreign:
         raise ValueError(
@@ -147,7 +151,12 @@ class H5Weights:
             for v in variables
             if wanted[id(v)] not in stored and not _is_seed_state(v)
         ]
-        extra = sorted(stored - set(paths.values()))
+        # A compiled model's save_weights also writes its optimizer state.
+        extra = sorted(
+            n
+            for n in stored - set(paths.values())
+            if not n.startswith("optimizer/")
+        )
         if missing or extra:
             raise ValueError(
                 f"The weights in {self.path!r} do not match the model: "
