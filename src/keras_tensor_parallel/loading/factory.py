@@ -3,7 +3,7 @@ points, kept here so the wrapper's module only delegates."""
 
 from __future__ import annotations
 
-import functools
+import types
 
 
 def from_preset(cls, preset, *, model_class=None, **kwargs):
@@ -64,8 +64,8 @@ class ClassBuild:
     the instance's `build`, so that one must stay Keras's)."""
 
     def __get__(self, obj, objtype=None):
-        if obj is None:
-            return functools.partial(build, objtype)
+        if obj is None:  # a bound method keeps `build`'s docstring
+            return types.MethodType(build, objtype)
         import keras
 
         return keras.Model.build.__get__(obj, objtype)
