@@ -42,6 +42,8 @@ def _lm(name: str):
         ),
     }
     specs["llama-kv2"] = specs["llama"].variant(num_key_value_heads=2)
+    # 6 heads do not divide by 4: the plan pads them to 8 (zero heads).
+    specs["gpt2-6heads"] = specs["gpt2"].variant(num_heads=6, hidden_dim=48)
     if name == "mistral":  # not in the catalogue: Llama's tiny config
         config = dict(specs["llama"].config, sliding_window=32)
         return lambda: keras_hub.models.MistralCausalLM(
@@ -108,8 +110,9 @@ def wrapped():
 # tokens at N=2 and N=4.
 @pytest.mark.parametrize(
     "name,n",
-    [("gpt2", 2), ("opt", 4), ("llama", 2), ("gemma", 4), ("mistral", 2)],
-)
+    [("gpt2", 2), ("opt", 4), ("llama", 2), ("gemma", 4), ("mistral", 2),
+     ("gpt2-6heads", 4)],
+)  # fmt: skip
 def test_greedy_tokens_match_one_device(wrapped, name, n):
     ref, tp = wrapped(name, n)
     x = _prompts()
@@ -148,11 +151,13 @@ def test_top_k_samples_match_one_device_with_same_seed(wrapped):
 
 
 # (model, N, kv heads each device holds): llama-kv2 has 2 kv heads for 4
-# devices, each head held by 2 devices (the plan's kv-head copies).
+# devices, each head held by 2 devices (the plan's kv-head copies);
+# gpt2-6heads' 6 heads are padded to 8 for 4 devices.
 @pytest.mark.parametrize(
     "name,n,local_heads",
-    [("llama", 2, 2), ("gpt2", 4, 1), ("gemma", 4, 1), ("llama-kv2", 4, 1)],
-)
+    [("llama", 2, 2), ("gpt2", 4, 1), ("gemma", 4, 1), ("llama-kv2", 4, 1),
+     ("gpt2-6heads", 4, 2)],
+)  # fmt: skip
 def test_decode_step_at_minimum_cache_split_by_heads(
     wrapped, name, n, local_heads
 ):
@@ -161,7 +166,7 @@ def test_decode_step_at_minimum_cache_split_by_heads(
     tp = wrapped(name, n)[1]
     tp.compile(sampler="greedy")
     report = analyze_decode(tp, batch_size=2, max_length=16, prompt_length=4)
-    hidden = 64
+    hidden = tp.wrapped_model.backbone.hidden_dim
     # Per token: the vocab-parallel lookup and 2 row outputs per layer,
     # each an all-reduce of [batch, 1, hidden]; nothing else in the model.
     model_part = report.model_collectives

@@ -32,8 +32,9 @@ class JaxGenerator:
         engine: The `JaxEngine` that sharded it.
 
     Attributes:
-        cache_shape: Global `(shape, dtype)` of the cache, recorded when the
-            generate function is traced (`None` before).
+        cache_shape: Global `(shape, dtype)` of the cache as the model
+            builds it, recorded when the generate function is last traced
+            (`None` before).
     """
 
     def __init__(self, model, engine):
@@ -43,6 +44,7 @@ class JaxGenerator:
         self.engine = engine
         self.sampler = model.sampler
         self.cache_shape = None
+        self.tracing = False
         self._jitted = jax.jit(
             self._generate, static_argnames=("stop_token_ids",)
         )
@@ -62,6 +64,7 @@ class JaxGenerator:
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     def _generate(self, inputs, state, stop_token_ids=None):
+        self.tracing = True  # runs only while jax traces
         model = self.model
         sampler_values, trainable, non_trainable = state
         mapping = itertools.chain(
@@ -228,7 +231,16 @@ def _constrain_cache(model, generator) -> None:
     def pin(cache):
         if not getattr(model, "_tp_generating", False):
             return cache
-        generator.cache_shape = (tuple(cache.shape), str(cache.dtype))
+        if generator.tracing:  # the first cache of a trace: as built
+            generator.cache_shape = (tuple(cache.shape), str(cache.dtype))
+            generator.tracing = False
+        stored = stored_heads(generator.engine.plan, cache.shape[HEADS_DIM])
+        if stored != cache.shape[HEADS_DIM]:
+            # The model built its cache (zeros) with its own head count;
+            # the plan pads those heads with zero heads to split them.
+            widths = [(0, 0)] * cache.ndim
+            widths[HEADS_DIM] = (0, stored - cache.shape[HEADS_DIM])
+            cache = jax.numpy.pad(cache, widths)
         sharding = generator.cache_sharding(cache.shape)
         if sharding is None:
             return cache
@@ -241,6 +253,16 @@ def _constrain_cache(model, generator) -> None:
         return logits, hidden, pin(cache)
 
     model.call_with_cache = call_with_cache
+
+
+def stored_heads(plan: ShardingPlan, num_heads: int) -> int:
+    """How many heads the plan stores for a projection of `num_heads`
+    heads (more where it pads them to split evenly)."""
+    for e in plan:
+        if e.role == Role.HEADS and e.is_split and e.padded_shape:
+            if e.shape[e.split_dim] == num_heads:
+                return e.padded_shape[e.split_dim]
+    return int(num_heads)
 
 
 def jax_generator(tp) -> JaxGenerator:
