@@ -189,6 +189,28 @@ def test_decode_step_at_minimum_cache_split_by_heads(
     )
 
 
+def test_data_and_tensor_parallel(wrapped):
+    """world_size 4 as 2 data replicas x 2-way tensor parallel: each replica
+    generates its rows of the batch; the cache splits on both."""
+    from keras_tensor_parallel import TensorParallelKeras
+    from keras_tensor_parallel.comms.decode import analyze_decode
+
+    ref, _ = wrapped("gpt2", 2)
+    (model,) = _copies(_lm("gpt2"), 1)
+    model.set_weights(ref.get_weights())
+    tp = TensorParallelKeras(model, world_size=4, tensor_parallel_size=2)
+    x = _prompts(vocab=1001)
+    expected = _generate(ref, "greedy", x)
+    np.testing.assert_array_equal(_generate(tp, "greedy", x), expected)
+    report = analyze_decode(tp, batch_size=2, max_length=16, prompt_length=4)
+    assert report.data_parallel == 2
+    # Per replica: its one row of the batch through the Megatron minimum.
+    assert all(c.shapes == ((1, 1, 64),) for c in report.model_collectives)
+    assert report.model_bytes == sum(b for _, b in report.minimum.forward)
+    assert not report.weight_gathers and not report.cache_gathers, report
+    assert report.cache_bytes_per_device * 4 == report.cache_bytes
+
+
 def test_strings_with_preprocessor():
     import keras_hub
 
