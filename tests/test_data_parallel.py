@@ -6,6 +6,7 @@ data axis (2 replicas). Every check compares with an independently trained
 single-device copy of the same weights, or reads what the devices hold.
 """
 
+import functools
 import re
 
 import keras
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 
 from keras_tensor_parallel import TensorParallelKeras, catalogue
+from keras_tensor_parallel.comms.hlo import collectives
+from keras_tensor_parallel.comms.minimum import megatron_minimum
 from keras_tensor_parallel.comms.steps import compile_steps
 from keras_tensor_parallel.verify.training import null_gradient_variables
 
@@ -133,15 +136,22 @@ def data_parameter_shapes(hlo: str) -> list:
     return [tuple(int(d) for d in s.split(",")) for _, s in shapes[-2:]]
 
 
-@pytest.mark.parametrize("tp_size", [4, 2, 1])
-def test_per_device_batch_and_bytes_at_ideal(tp_size):
+@functools.cache
+def compiled_mlp(tp_size):
+    """A compiled MLP wrapper on the (4/tp_size, tp_size) mesh and its
+    compiled train step, shared by the tests that only read them."""
     build, x, y, _ = mlp_case()
     keras.utils.set_random_seed(0)
     tp = TensorParallelKeras(
         build(), world_size=4, tensor_parallel_size=tp_size
     )
     tp.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    steps = compile_steps(tp, x, y)
+    return tp, compile_steps(tp, x, y)
+
+
+@pytest.mark.parametrize("tp_size", [4, 2, 1])
+def test_per_device_batch_and_bytes_at_ideal(tp_size):
+    tp, steps = compiled_mlp(tp_size)
     # The compiled step takes the per-device share of the global batch.
     per_device = GLOBAL_BATCH // (4 // tp_size)
     assert data_parameter_shapes(steps.train_hlo) == [
@@ -160,6 +170,74 @@ def test_per_device_batch_and_bytes_at_ideal(tp_size):
     )
     slots = tp.engine.per_device_bytes(optimizer)
     assert set(slots.values()) == {2 * ideal + scalars}
+
+
+def replica_groups(hlo: str, name: str) -> frozenset:
+    """The device groups of collective `name`, in any of XLA's spellings:
+    `{{0,1},{2,3}}`, iota `[2,2]<=[2,2]T(1,0)`, or `mesh[...] {'axis_0'}`
+    (axis_0 is data, axis_1 model: the mesh is (data, model))."""
+    line = re.search(rf"\n\s*(?:ROOT )?%?{re.escape(name)} = .*", hlo)[0]
+    if m := re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line):
+        groups = re.findall(r"\{([\d,]*)\}", m[1])
+        return frozenset(frozenset(map(int, g.split(","))) for g in groups)
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+        sizes = [int(n) for n in re.findall(r"=(\d+)", m[1])]
+        kept = [int(i) for i in re.findall(r"axis_(\d+)", m[2])]
+        ids = np.arange(np.prod(sizes)).reshape(sizes)
+        rest = [i for i in range(len(sizes)) if i not in kept]
+        rows = ids.transpose(rest + kept).reshape(
+            -1, np.prod([sizes[i] for i in kept])
+        )
+        return as_groups(rows)
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\]"
+                  r"(?:T\(([\d,]+)\))?", line)  # fmt: skip
+    dims = [int(d) for d in m[3].split(",")]
+    ids = np.arange(np.prod(dims)).reshape(dims)
+    if m[4]:
+        ids = ids.transpose([int(p) for p in m[4].split(",")])
+    rows = ids.reshape(int(m[1]), int(m[2]))
+    return as_groups(rows)
+
+
+def as_groups(rows) -> frozenset:
+    return as_groups(rows)
+
+
+def mesh_groups(data: int, model: int) -> dict:
+    """Device groups of each mesh axis (devices fill it row-major)."""
+    ids = np.arange(data * model).reshape(data, model)
+    return {"model": as_groups(ids), "data": as_groups(ids.T)}
+
+
+@pytest.mark.parametrize("tp_size", [4, 2, 1])
+def test_collectives_minimum_on_model_plus_one_gradient_reduction(tp_size):
+    # Per step: the Megatron all-reduces of one replica's share of the
+    # batch on model-axis groups (at most the minimum), plus one
+    # all-reduce of each replica's gradients (= its per-device parameter
+    # bytes) on data-axis groups; scalars (the loss) may ride along.
+    tp, steps = compiled_mlp(tp_size)
+    data = 4 // tp_size
+    groups = mesh_groups(data, tp_size)
+    on = {"model": [], "data": []}
+    for c in collectives(steps.train_hlo):
+        axis = [a for a, g in groups.items()
+                if g == replica_groups(steps.train_hlo, c.name)]  # fmt: skip
+        assert c.kind == "all-reduce" and axis, (c.kind, c.name)
+        on[axis[0]].append(c)  # the two axes' groups differ on 4 devices
+    minimum = megatron_minimum(
+        tp.plan, batch_size=GLOBAL_BATCH // data, seq_len=1
+    )
+    model_bytes = sum(c.bytes for c in on["model"])
+    if tp_size == 1:
+        assert not on["model"]
+    else:
+        assert minimum.forward_bytes <= model_bytes <= minimum.train_bytes
+    grads = [
+        sum(np.prod(s) * 4 for s in c.shapes if s)
+        for c in on["data"]
+        if any(c.shapes)
+    ]
+    assert grads == ([entry_param_bytes(tp)] if data > 1 else [])
 
 
 # Bad input -------------------------------------------------------------------
