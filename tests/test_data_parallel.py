@@ -200,7 +200,7 @@ def replica_groups(hlo: str, name: str) -> frozenset:
 
 
 def as_groups(rows) -> frozenset:
-    return as_groups(rows)
+    return frozenset(frozenset(map(int, r)) for r in rows)
 
 
 def mesh_groups(data: int, model: int) -> dict:
