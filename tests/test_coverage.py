@@ -16,7 +16,13 @@ import keras
 import numpy as np
 import pytest
 from coverage_models import ROWS, ideal_fraction, inputs
-from helpers import forward_hlo, max_abs_diff, rel_tol, weight_gathers
+from helpers import (
+    forward_hlo,
+    max_abs_diff,
+    rel_tol,
+    split_dim_shards_ok,
+    weight_gathers,
+)
 from test_generalization import _null_gradients
 
 from keras_tensor_parallel import TensorParallelKeras, plan_model
@@ -123,6 +129,12 @@ def test_forward_and_three_adam_steps_match_one_device(name):
     got = _first(tp(x))
     assert max_abs_diff(got, expected) <= rel_tol(expected, 1e-5)
     assert weight_gathers(tp, forward_hlo(tp, x)) == []
+    # Each device holds only its shard (padded heads: 2 of 8; shared kv
+    # heads: the one its queries read); users see the real shapes.
+    assert split_dim_shards_ok(tp, n) == []
+    assert [w.shape for w in tp.wrapped_model.get_weights()] == [
+        w.shape for w in reference.get_weights()
+    ]
     y = np.random.RandomState(2).randn(*expected.shape).astype("float32")
     loss = keras.losses.MeanSquaredError()
     null = _null_gradients(reference, x, y, loss)

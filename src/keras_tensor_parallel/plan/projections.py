@@ -64,6 +64,7 @@ def find_projections(
             rule = op_rule(node) if op_level else None
             if rule is None:
                 continue
+            rule = _with_bias(graph, node, rule)
             layer = owner.get(id(rule.kernel))
             key, name = id(rule.kernel), _op_name(rule.kernel, layer)
         proj = by_key.get(key)
@@ -74,6 +75,27 @@ def find_projections(
         proj.nodes.append(node)
         found[node.index] = proj
     return {i: p for i, p in found.items() if p.rule is not None}
+
+
+def _with_bias(graph, node, rule) -> rules.LinearRule:
+    """The rule with its bias: a vector variable over the last output dim,
+    added to the op's output (`ops.matmul(x, self.w) + self.b`). Split
+    with a column, as Megatron does; a replicated bias of a split output
+    would get a split gradient, gathered back every step."""
+    out = node.outputs[0]
+    for index, _ in graph.consumers.get(id(out), []):
+        add = graph.nodes[index]
+        if add.type_name != "Add" or len(add.args) != 2:
+            continue
+        other = [a for a in add.args if a is not out]
+        if (
+            len(other) == 1
+            and isinstance(other[0], keras.Variable)
+            and tuple(other[0].shape) == (out.shape[-1],)
+        ):
+            spec = rule.output_spec[-1]
+            return dataclasses.replace(rule, bias=other[0], bias_spec=spec)
+    return rule
 
 
 def _specs(rule) -> tuple[str, str, str]:

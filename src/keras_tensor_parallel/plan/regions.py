@@ -122,6 +122,8 @@ class RegionGrower:
             self._set_split(region, out, dim, copies)
             if padding.zero_output(proj):  # zero kernel columns and bias
                 region.zero.add(id(out))
+        if proj.rule.bias is not None:  # padded with zeros as well
+            region.zero.add(id(proj.rule.bias))
 
     def _set_split(self, region, t, dim: int, copies: int = 1) -> None:
         if id(t) in region.split:
