@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from keras_tensor_parallel import TensorParallelKeras, catalogue
-from keras_tensor_parallel.comms.hlo import collectives
+from keras_tensor_parallel.comms.hlo import collectives, replica_groups
 from keras_tensor_parallel.comms.minimum import megatron_minimum
 from keras_tensor_parallel.comms.steps import compile_steps
 from keras_tensor_parallel.verify.training import null_gradient_variables
@@ -170,33 +170,6 @@ def test_per_device_batch_and_bytes_at_ideal(tp_size):
     )
     slots = tp.engine.per_device_bytes(optimizer)
     assert set(slots.values()) == {2 * ideal + scalars}
-
-
-def replica_groups(hlo: str, name: str) -> frozenset:
-    """The device groups of collective `name`, in any of XLA's spellings:
-    `{{0,1},{2,3}}`, iota `[2,2]<=[2,2]T(1,0)`, or `mesh[...] {'axis_0'}`
-    (axis_0 is data, axis_1 model: the mesh is (data, model))."""
-    line = re.search(rf"\n\s*(?:ROOT )?%?{re.escape(name)} = .*", hlo)[0]
-    if m := re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line):
-        groups = re.findall(r"\{([\d,]*)\}", m[1])
-        return frozenset(frozenset(map(int, g.split(","))) for g in groups)
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
-        sizes = [int(n) for n in re.findall(r"=(\d+)", m[1])]
-        kept = [int(i) for i in re.findall(r"axis_(\d+)", m[2])]
-        ids = np.arange(np.prod(sizes)).reshape(sizes)
-        rest = [i for i in range(len(sizes)) if i not in kept]
-        rows = ids.transpose(rest + kept).reshape(
-            -1, np.prod([sizes[i] for i in kept])
-        )
-        return as_groups(rows)
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\]"
-                  r"(?:T\(([\d,]+)\))?", line)  # fmt: skip
-    dims = [int(d) for d in m[3].split(",")]
-    ids = np.arange(np.prod(dims)).reshape(dims)
-    if m[4]:
-        ids = ids.transpose([int(p) for p in m[4].split(",")])
-    rows = ids.reshape(int(m[1]), int(m[2]))
-    return as_groups(rows)
 
 
 def as_groups(rows) -> frozenset:

@@ -197,3 +197,44 @@ def collectives(hlo_text: str) -> list[Collective]:
             )
         )
     return out
+
+
+def replica_groups(hlo_text: str, name: str) -> frozenset:
+    """The device groups of collective `name` (a `Collective.name`), as a
+    set of sets of device ids, in any of XLA's spellings: explicit
+    `{{0,1},{2,3}}`, iota `[2,2]<=[2,2]T(1,0)`, or
+    `mesh['axis_0'=2,'axis_1'=2] {'axis_0'}` (groups along the named axes
+    of the mesh, devices numbered row-major).
+
+    Tells which mesh axis a collective runs over (data or model).
+
+    Example:
+
+    ```python
+    c = collectives(text)[0]
+    replica_groups(text, c.name)  # frozenset({frozenset({0, 1}), ...})
+    ```
+    """
+    import numpy as np
+
+    line = re.search(rf"\n\s*(?:ROOT )?%?{re.escape(name)} = .*", hlo_text)[0]
+    if m := re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line):
+        groups = re.findall(r"\{([\d,]*)\}", m[1])
+        return frozenset(frozenset(map(int, g.split(","))) for g in groups)
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+        sizes = [int(n) for n in re.findall(r"=(\d+)", m[1])]
+        kept = [int(i) for i in re.findall(r"axis_(\d+)", m[2])]
+        rest = [i for i in range(len(sizes)) if i not in kept]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        rows = ids.transpose(rest + kept).reshape(
+            -1, math.prod(sizes[i] for i in kept)
+        )
+    else:
+        m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\]"
+                      r"(?:T\(([\d,]+)\))?", line)  # fmt: skip
+        ids = np.arange(math.prod(int(d) for d in m[3].split(",")))
+        ids = ids.reshape([int(d) for d in m[3].split(",")])
+        if m[4]:
+            ids = ids.transpose([int(p) for p in m[4].split(",")])
+        rows = ids.reshape(int(m[1]), int(m[2]))
+    return frozenset(frozenset(map(int, r)) for r in rows)
