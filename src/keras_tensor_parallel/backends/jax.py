@@ -11,10 +11,9 @@ never looked up, and sliced off the logits), while `numpy()`, `assign()`,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 from keras.distribution import TensorLayout
@@ -22,9 +21,13 @@ from keras.distribution import TensorLayout
 from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.backends.jax_distribution import (
     AutoTPDistribution,
-    layout,
     make_mesh,
     mesh_axes,
+)
+from keras_tensor_parallel.backends.jax_variables import (
+    logical_value,
+    reshard,
+    unshard,
 )
 from keras_tensor_parallel.plan import Role, ShardingPlan
 from keras_tensor_parallel.plan.rules import LinearRule, rule_for
@@ -41,108 +44,6 @@ def available_devices() -> list[str]:
 
 def replicated(ndim: int, mesh) -> TensorLayout:
     return TensorLayout((None,) * ndim, mesh)
-
-
-# Padded variables ------------------------------------------------------------
-
-
-class _PaddedMixin:
-    """Variable stored padded on one dim; numpy/assign use logical shape."""
-
-    _tp_logical_shape: tuple
-
-    def _tp_slices(self):
-        return tuple(slice(0, n) for n in self._tp_logical_shape)
-
-    def numpy(self):
-        return host_value(self.value)[self._tp_slices()]
-
-    def __array__(self, dtype=None):
-        out = host_value(self.value)[self._tp_slices()]
-        return out.astype(dtype) if dtype is not None else out
-
-    def assign(self, value):
-        shape = tuple(getattr(value, "shape", np.shape(value)))
-        if shape == tuple(self._tp_logical_shape):
-            value = pad_to(value, tuple(self.shape))
-        return super().assign(value)
-
-
-_PADDED_CLASSES: dict[type, type] = {}
-
-
-def _padded_class(cls: type) -> type:
-    if cls not in _PADDED_CLASSES:
-        _PADDED_CLASSES[cls] = type(
-            f"Padded{cls.__name__}", (_PaddedMixin, cls), {}
-        )
-    return _PADDED_CLASSES[cls]
-
-
-def pad_to(value, shape):
-    value = jnp.asarray(value)
-    widths = [(0, t - s) for s, t in zip(value.shape, shape)]
-    return jnp.pad(value, widths)
-
-
-def host_value(array) -> np.ndarray:
-    """The full value as numpy, gathered from every process when the
-    array spans devices of other processes (a collective: call it on all
-    processes)."""
-    if getattr(array, "is_fully_addressable", True):
-        return np.asarray(array)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def logical_value(variable) -> np.ndarray:
-    """The full, unsharded, unpadded value as numpy."""
-    if isinstance(variable, _PaddedMixin):
-        return variable.numpy()
-    return host_value(variable.value)
-
-
-# Re-sharding -----------------------------------------------------------------
-
-
-def reshard(variable, axes, mesh, padded_shape=None) -> Callable[[], None]:
-    """Give `variable` the layout `axes` on `mesh`, in place.
-
-    Returns the undo. If resharding itself fails, the variable is restored
-    exactly (JAX arrays are immutable: the old value is kept, not copied)
-    and the error is raised.
-    """
-    old = (variable.__class__, variable._shape, variable._layout)
-    old_value = variable.value
-
-    def restore():
-        variable.__class__, variable._shape, variable._layout = old
-        variable.__dict__.pop("_tp_logical_shape", None)
-        variable._value = old_value
-
-    try:
-        value = old_value
-        if padded_shape is not None and tuple(padded_shape) != old[1]:
-            variable._tp_logical_shape = tuple(old[1])
-            value = pad_to(value, padded_shape)
-            variable._shape = tuple(padded_shape)
-            variable.__class__ = _padded_class(old[0])
-        variable._layout = layout(axes, mesh)
-        variable._direct_assign(value)
-    except BaseException:
-        restore()
-        raise
-    # From here on the undo gathers (the old full value is not kept alive).
-    return lambda: unshard(variable, old)
-
-
-def unshard(variable, old) -> None:
-    """Undo `reshard`: the logical value on one device, the old layout."""
-    value = logical_value(variable)
-    variable.__class__, variable._shape, variable._layout = old
-    variable.__dict__.pop("_tp_logical_shape", None)
-    variable._value = jnp.asarray(value)
 
 
 def on_mesh(variable, mesh) -> bool:
