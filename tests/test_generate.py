@@ -281,6 +281,7 @@ def worker(out_path: str) -> None:
     import torch.distributed as dist
 
     from keras_tensor_parallel import TensorParallelKeras
+    from keras_tensor_parallel.backends import torch_collectives as tc
 
     res = {}
     # Llama: GQA (4 of 8 heads cached) and an untied vocab-parallel head.
@@ -298,8 +299,12 @@ def worker(out_path: str) -> None:
         x = _prompts(vocab=vocab)
         tp = TensorParallelKeras(model, world_size=2)
         sampler = lambda: keras_hub.samplers.TopKSampler(k=5, seed=7)  # noqa
+        tc.reset_counts()
+        greedy = _generate(tp, "greedy", x).tolist()
         res[name] = {
-            "greedy": _generate(tp, "greedy", x).tolist(),
+            "counts": dict(tc.COUNTS),
+            "greedy_calls": len(caches),
+            "greedy": greedy,
             "greedy_ref": _generate(ref, "greedy", x).tolist(),
             "top_k": _generate(tp, sampler(), x).tolist(),
             "top_k_ref": _generate(ref, sampler(), x).tolist(),
@@ -332,6 +337,13 @@ def test_torch_two_ranks_match_one_process(tmp_path):
             assert case["top_k"] != case["greedy"], (name, case)
             # [batch, layers, 2, length, kv heads / 2, head dim]
             assert case["cache"][4] == 2, (name, case)
+            # Per call (prefill, then one per token): the vocab-parallel
+            # lookup and 2 row outputs per layer (2 layers), and the LM
+            # head's logits gathered over the vocab for the sampler.
+            calls = case["greedy_calls"]
+            assert case["counts"] == {
+                "forward": 5 * calls, "backward": 0, "gather": calls
+            }, case  # fmt: skip
     assert ranks[0]["llama"] == ranks[1]["llama"]
     # Both ranks write to the launcher's stdout; only rank 0 prints.
     assert proc.stdout.count("tp-decode-step") == ranks[0]["llama"]["calls"]
