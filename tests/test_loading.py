@@ -89,6 +89,18 @@ def _config_only(tmp_path, **config):
     return path
 
 
+def test_plan_model_accepts_a_builder():
+    before = _live_bytes()
+    plan = plan_model(catalogue.seed_mlp, N)
+    assert _live_bytes() - before < 8 * 2**10  # the 64x128 kernel: 32 KiB
+    reference = plan_model(catalogue.seed_mlp(), N)
+
+    def decisions(p):  # paths differ: Keras numbers the second model's layers
+        return [(e.shape, e.axes, e.role) for e in p]
+
+    assert plan.split and decisions(plan) == decisions(reference)
+
+
 @pytest.mark.slow
 def test_plan_config_only_preset_far_larger_than_memory(tmp_path):
     # Llama-3 70B widths (4.2 GB embedding alone) with 2 of its 80 layers:
