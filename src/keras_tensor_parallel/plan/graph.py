@@ -124,6 +124,40 @@ def extract_graph(
         id(la): (len(la._inbound_nodes), len(la._outbound_nodes))
         for la in layers
     }
+    restore = _recording_symbolic_calls(nodes, is_leaf)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs = _call_model(model, inputs)
+    finally:
+        restore()
+        for la in layers:
+            n_in, n_out = saved[id(la)]
+            del la._inbound_nodes[n_in:]
+            del la._outbound_nodes[n_out:]
+    return _build_graph(nodes, inputs, outputs)
+
+
+def _build_graph(nodes, inputs, outputs) -> ModelGraph:
+    producer: dict[int, int] = {}
+    consumers: dict[int, list[tuple[int, int]]] = {}
+    for node in nodes:
+        for pos, t in enumerate(node.inputs):
+            consumers.setdefault(id(t), []).append((node.index, pos))
+        for t in node.outputs:
+            producer.setdefault(id(t), node.index)
+    out_ids = {
+        id(t) for t in keras.tree.flatten(outputs) if isinstance(t, KerasTensor)
+    }
+    return ModelGraph(
+        nodes, producer, consumers, out_ids, keras.tree.flatten(inputs)
+    )
+
+
+def _recording_symbolic_calls(nodes: list, is_leaf) -> Callable[[], None]:
+    """Patch Keras' symbolic calls to append an `OpNode` per op and leaf
+    layer call to `nodes` (tracing into every other layer); returns the
+    function restoring them."""
 
     def record(op, args, kwargs, outputs, reason=""):
         flat_in = [
@@ -137,9 +171,6 @@ def extract_graph(
         nodes.append(
             OpNode(len(nodes), op, flat_in, flat_out, args, kwargs, reason)
         )
-
-    orig_op_call = Operation.symbolic_call
-    orig_layer_call = keras.layers.Layer.symbolic_call
 
     def op_symbolic_call(self, *args, **kwargs):
         outputs = self.compute_output_spec(*args, **kwargs)
@@ -168,35 +199,18 @@ def extract_graph(
         record(self, args, kwargs, outputs, reason=reason or "opaque")
         return outputs
 
+    orig_op_call = Operation.symbolic_call
+    orig_layer_call = keras.layers.Layer.symbolic_call
     Operation.symbolic_call = op_symbolic_call
     keras.layers.Layer.symbolic_call = layer_symbolic_call
-    restore = _lenient_symbolic_calls()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            outputs = _call_model(model, inputs)
-    finally:
+    lenient_restore = _lenient_symbolic_calls()
+
+    def restore() -> None:
         Operation.symbolic_call = orig_op_call
         keras.layers.Layer.symbolic_call = orig_layer_call
-        restore()
-        for la in layers:
-            n_in, n_out = saved[id(la)]
-            del la._inbound_nodes[n_in:]
-            del la._outbound_nodes[n_out:]
+        lenient_restore()
 
-    producer: dict[int, int] = {}
-    consumers: dict[int, list[tuple[int, int]]] = {}
-    for node in nodes:
-        for pos, t in enumerate(node.inputs):
-            consumers.setdefault(id(t), []).append((node.index, pos))
-        for t in node.outputs:
-            producer.setdefault(id(t), node.index)
-    out_ids = {
-        id(t) for t in keras.tree.flatten(outputs) if isinstance(t, KerasTensor)
-    }
-    return ModelGraph(
-        nodes, producer, consumers, out_ids, keras.tree.flatten(inputs)
-    )
+    return restore
 
 
 def _lenient_symbolic_calls() -> Callable[[], None]:
