@@ -204,7 +204,8 @@ def replica_groups(hlo_text: str, name: str) -> frozenset:
     set of sets of device ids, in any of XLA's spellings: explicit
     `{{0,1},{2,3}}`, iota `[2,2]<=[2,2]T(1,0)`, or
     `mesh['axis_0'=2,'axis_1'=2] {'axis_0'}` (groups along the named axes
-    of the mesh, devices numbered row-major).
+    of the mesh, devices numbered row-major unless a
+    `device_ids=([2,2]T(1,0))` follows the mesh).
 
     Tells which mesh axis a collective runs over (data or model).
 
@@ -221,20 +222,31 @@ def replica_groups(hlo_text: str, name: str) -> frozenset:
     if m := re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line):
         groups = re.findall(r"\{([\d,]*)\}", m[1])
         return frozenset(frozenset(map(int, g.split(","))) for g in groups)
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+    mesh = r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(([^)]*\)?)\))?"
+    if m := re.search(mesh + r" \{([^}]*)\}", line):
         sizes = [int(n) for n in re.findall(r"=(\d+)", m[1])]
-        kept = [int(i) for i in re.findall(r"axis_(\d+)", m[2])]
+        kept = [int(i) for i in re.findall(r"axis_(\d+)", m[3])]
         rest = [i for i in range(len(sizes)) if i not in kept]
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
-        rows = ids.transpose(rest + kept).reshape(
-            -1, math.prod(sizes[i] for i in kept)
+        ids = _iota(m[2]) if m[2] else np.arange(math.prod(sizes))
+        rows = (
+            ids.reshape(sizes)
+            .transpose(rest + kept)
+            .reshape(-1, math.prod(sizes[i] for i in kept))
         )
     else:
-        m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\]"
-                      r"(?:T\(([\d,]+)\))?", line)  # fmt: skip
-        ids = np.arange(math.prod(int(d) for d in m[3].split(",")))
-        ids = ids.reshape([int(d) for d in m[3].split(",")])
-        if m[4]:
-            ids = ids.transpose([int(p) for p in m[4].split(",")])
-        rows = ids.reshape(int(m[1]), int(m[2]))
+        m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=(\[[\d,]+\]"
+                      r"(?:T\([\d,]+\))?)", line)  # fmt: skip
+        rows = _iota(m[3]).reshape(int(m[1]), int(m[2]))
     return frozenset(frozenset(map(int, r)) for r in rows)
+
+
+def _iota(text: str):
+    """Device ids of XLA's iota spelling `[2,2]T(1,0)`, flattened."""
+    import numpy as np
+
+    m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    dims = [int(d) for d in m[1].split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m[2]:
+        ids = ids.transpose([int(p) for p in m[2].split(",")])
+    return ids.reshape(-1)
