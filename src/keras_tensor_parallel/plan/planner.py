@@ -68,17 +68,12 @@ def plan_model(
             tuple of mesh-axis names (`"model"` or `None` per dim) or a role
             name (`"replicated"`, `"column"` splits the last dim, `"row"` and
             `"vocab"` the first).
-        slice_operands: Whether the engine partitions the whole traced
-            program (JAX: XLA SPMD). Then an unsplit full-size tensor may
-            meet a split dim (an ALiBi table, kv heads read by split query
-            heads; XLA slices it), traced einsum/matmul ops with a weight
-            operand are projections whichever layer owns them, expert
-            banks may be split on the expert dim, heads that do not divide
-            N are padded with zero heads, and fewer kv heads than devices
-            are shared (each device holds the one its query heads read).
-            Engines that run each rank's own copy of the model code
-            (torch) pass False: such regions are replicated, with the
-            reason.
+        slice_operands: Whether the engine partitions the traced program
+            (JAX, XLA SPMD): then full-size operands may meet a split (XLA
+            slices them), traced einsum/matmul weights and expert banks
+            are split, heads not dividing N are padded and kv heads fewer
+            than N shared. Engines running each rank's model code (torch)
+            pass False: such regions are replicated, with the reason.
 
     Returns:
         The `ShardingPlan`.
