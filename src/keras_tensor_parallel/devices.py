@@ -1,19 +1,18 @@
 """Which backend and which devices: names as users write them, validated.
 
-The backends answer which devices exist (`backends.base.available_devices`);
+The backends answer which devices exist (`backends.available_devices`);
 this module turns the user's `distributed_backend`, `world_size` and
 `device_ids` into a checked engine name and device list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import keras
 
-from keras_tensor_parallel.backends import base
+from keras_tensor_parallel import backends
+from keras_tensor_parallel.backends import device_ids as device_ids_lib
 
-SUPPORTED_BACKENDS = base.ENGINES
+SUPPORTED_BACKENDS = backends.ENGINES
 # Names the first users wrote, with what each means here.
 ALIASES = {"pytorch": "torch"}
 _NOT_PARALLELISM = {
@@ -36,7 +35,7 @@ _NOT_PARALLELISM = {
 def available_devices(backend: str | None = None) -> list[str]:
     """Device ids the engine of `backend` (default: the Keras backend in
     use) can run on in this process."""
-    return base.available_devices(backend or keras.backend.backend())
+    return backends.available_devices(backend or keras.backend.backend())
 
 
 def validate_backend(distributed_backend) -> str:
@@ -118,62 +117,6 @@ def _nccl(active: str, received: str) -> str:
     return name
 
 
-def _check_world_size(world_size) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int):
-        raise ValueError(
-            "world_size must be a positive integer. Received: "
-            f"world_size={world_size!r}"
-        )
-    if world_size <= 0:
-        raise ValueError(
-            f"world_size must be >= 1. Received: world_size={world_size}"
-        )
-
-
-def _check_device_ids(device_ids, available: Sequence[str]) -> list[str]:
-    if not isinstance(device_ids, (list, tuple)) or not all(
-        isinstance(d, str) for d in device_ids
-    ):
-        raise ValueError(
-            "device_ids must be a list of device id strings such as "
-            f"['cpu:0', 'cpu:1']. Received: device_ids={device_ids!r}"
-        )
-    ids = [d.lower() for d in device_ids]
-    if not ids:
-        raise ValueError("device_ids must not be empty. Received: []")
-    unknown = [d for d in ids if d not in available]
-    if unknown:
-        raise ValueError(
-            f"Unknown device ids {unknown}: choose from {list(available)}. "
-            f"Received: device_ids={list(device_ids)}"
-        )
-    repeated = sorted({d for d in ids if ids.count(d) > 1})
-    if repeated:
-        raise ValueError(
-            f"Each device may appear once in device_ids; repeated: "
-            f"{repeated}. Received: device_ids={list(device_ids)}"
-        )
-    return ids
-
-
-def _too_few(world_size: int, available, backend: str) -> ValueError:
-    if backend == "torch":
-        hint = (
-            "The torch engine runs one process per device: start them with "
-            f"`keras-tp launch -n {world_size} script.py`"
-        )
-    else:
-        hint = (
-            "On CPU, simulate more with XLA_FLAGS=--xla_force_host_platform"
-            "_device_count=N set before jax is imported"
-        )
-    return ValueError(
-        f"world_size={world_size} is larger than the {len(available)} "
-        f"devices available ({list(available)}). {hint}. Received: "
-        f"world_size={world_size}"
-    )
-
-
 def resolve_devices(
     *, world_size=None, device_ids=None, backend: str | None = None
 ) -> list[str]:
@@ -197,20 +140,9 @@ def resolve_devices(
     ```
     """
     backend = backend or keras.backend.backend()
-    if world_size is not None:
-        _check_world_size(world_size)
-    available = available_devices(backend)
-    if device_ids is not None:
-        ids = _check_device_ids(device_ids, available)
-        if world_size is not None and world_size != len(ids):
-            raise ValueError(
-                f"world_size ({world_size}) must equal len(device_ids) "
-                f"({len(ids)}). Received: world_size={world_size}, "
-                f"device_ids={list(device_ids)}"
-            )
-        return ids
-    if world_size is None:
-        return list(available)
-    if world_size > len(available):
-        raise _too_few(world_size, available, backend)
-    return list(available[:world_size])
+    return device_ids_lib.select_devices(
+        world_size=world_size,
+        device_ids=device_ids,
+        available=available_devices(backend),
+        backend=backend,
+    )

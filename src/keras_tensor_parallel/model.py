@@ -7,6 +7,7 @@ import math
 import keras
 import numpy as np
 
+from keras_tensor_parallel import backends
 from keras_tensor_parallel import devices as devices_lib
 from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.loading import factory as loading_factory
@@ -92,7 +93,7 @@ class TensorParallelKeras(keras.Model):
                 f"tensor-parallel size ({tp_size}). Received: plan for "
                 f"world size {plan.world_size}"
             )
-        engine = base.make_engine(backend, plan, ids)
+        engine = backends.make_engine(backend, plan, ids)
         name = kwargs.pop("name", f"tensor_parallel_{model.name}")
         super().__init__(name=name, **kwargs)
         self._tp_wrap(model, engine, plan)

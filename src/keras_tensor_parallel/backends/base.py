@@ -19,9 +19,10 @@ Each backend offers the same small surface (as Keras's
   atomically by one process.
 - `device_ids`, `rank`, `is_main`, `plan`, `mesh`, `distribution`.
 
-`make_engine` builds one by backend name; `available_devices` asks the
-backend which devices this process can use. Backend modules are imported
-lazily, so importing this module imports no framework.
+`keras_tensor_parallel.backends.make_engine` builds one by backend name and
+`backends.available_devices` asks the backend which devices this process
+can use; both sit in the package above the engines, so imports point one
+way. Importing this module imports no framework.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from keras_tensor_parallel.plan import ShardingPlan
-
-ENGINES = ("jax", "torch")
 
 
 @runtime_checkable
@@ -76,69 +75,6 @@ class Engine(Protocol):
     def save(
         self, model, filepath, *, weights_only: bool = False, **kwargs
     ) -> None: ...
-
-
-def make_engine(
-    backend: str, plan: ShardingPlan, device_ids: Sequence[str]
-) -> Engine:
-    """The engine that runs `plan` on `backend`.
-
-    Args:
-        backend: `"jax"` or `"torch"` (already validated).
-        plan: The sharding plan.
-        device_ids: The devices: one per model-axis position, or a
-            multiple of `plan.world_size` for data-parallel replicas
-            (JAX; the mesh is `(data, model)`, see `jax_distribution`).
-
-    Returns:
-        An object implementing `Engine`.
-
-    Example:
-
-    ```python
-    engine = make_engine("jax", plan_model(model, 2), ["cpu:0", "cpu:1"])
-    engine.apply(model)
-    ```
-    """
-    if backend == "jax":
-        from keras_tensor_parallel.backends.jax import JaxEngine
-
-        return JaxEngine(plan, list(device_ids))
-    if backend == "torch":
-        from keras_tensor_parallel.backends.torch import TorchEngine
-
-        return TorchEngine(plan, list(device_ids))
-    raise ValueError(
-        f"No engine for backend {backend!r}; engines exist for {ENGINES}. "
-        f"Received: backend={backend!r}"
-    )
-
-
-def available_devices(backend: str) -> list[str]:
-    """Device ids this process can use on `backend`.
-
-    JAX: every device Keras lists (accelerators first). Torch: one device
-    per rank of the process group (`cpu:i`/`cuda:i`), or one when the
-    process was not started by a launcher.
-
-    Example:
-
-    ```python
-    available_devices("jax")  # ['cpu:0', 'cpu:1', 'cpu:2', 'cpu:3']
-    ```
-    """
-    if backend == "jax":
-        from keras_tensor_parallel.backends.jax import available_devices
-
-        return available_devices()
-    if backend == "torch":
-        from keras_tensor_parallel.backends.torch import available_devices
-
-        return available_devices()
-    raise ValueError(
-        f"No engine for backend {backend!r}; engines exist for {ENGINES}. "
-        f"Received: backend={backend!r}"
-    )
 
 
 # Shared by the engines and by verify -----------------------------------------

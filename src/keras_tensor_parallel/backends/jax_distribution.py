@@ -8,9 +8,10 @@ allocation; inputs are replicated across the model axis.
 from __future__ import annotations
 
 import jax
-from keras.distribution import DeviceMesh, TensorLayout
+from keras.distribution import DeviceMesh, TensorLayout, list_devices
 from keras.src.distribution.distribution_lib import Distribution
 
+from keras_tensor_parallel.backends.device_ids import select_devices
 from keras_tensor_parallel.plan import DATA_AXIS, MODEL_AXIS, ShardingPlan
 
 # Minor mesh axis of a plan whose kv heads are shared by `copies` adjacent
@@ -108,15 +109,14 @@ class AutoTPDistribution(Distribution):
     """
 
     def __init__(self, plan: ShardingPlan, *, device_ids=None):
-        from keras_tensor_parallel import devices as devices_lib
-
         if not isinstance(plan, ShardingPlan):
             raise ValueError(
                 f"AutoTPDistribution needs a ShardingPlan. Received: {plan!r}"
             )
-        ids = devices_lib.resolve_devices(
+        ids = select_devices(
             world_size=plan.world_size if device_ids is None else None,
             device_ids=device_ids,
+            available=list_devices(),
             backend="jax",
         )
         data = data_size(len(ids), plan.world_size)
