@@ -344,26 +344,11 @@ def analyze_decode(
     assert not report.weight_gathers and not report.cache_gathers
     ```
     """
-    from keras_tensor_parallel import generation
-    from keras_tensor_parallel.generation.jax import jax_generator
-
     model = tp.wrapped_model
-    generation.check_causal_lm(model)
     _check_lengths(prompt_length, max_length)
-    if getattr(model, "sampler", None) is None:
-        generation.set_sampler(tp, "top_k")
-    generator = jax_generator(tp)
-    vocab = int(model.backbone.vocabulary_size)
-    inputs = example_prompts(
-        vocab,
-        batch_size=batch_size,
-        max_length=max_length,
-        prompt_length=prompt_length,
+    text, seconds, (shape, dtype) = _compile_generate(
+        tp, batch_size, max_length, prompt_length
     )
-    start = time.perf_counter()
-    text = generator.compile(inputs).as_text()
-    seconds = time.perf_counter() - start
-    shape, dtype = generator.cache_shape
     # On a (data, model) mesh each replica runs its rows of the batch.
     data = dict(tp.engine.mesh.backend_mesh.shape).get(DATA_AXIS, 1)
     rows = batch_size // data if batch_size % data == 0 else batch_size
@@ -384,6 +369,28 @@ def analyze_decode(
         compile_s=seconds,
         data_parallel=batch_size // rows,
     )
+
+
+def _compile_generate(tp, batch_size, max_length, prompt_length):
+    """The compiled generate function's HLO text, its compile seconds and
+    the (shape, dtype) of one layer's cache."""
+    from keras_tensor_parallel import generation
+    from keras_tensor_parallel.generation.jax import jax_generator
+
+    model = tp.wrapped_model
+    generation.check_causal_lm(model)
+    if getattr(model, "sampler", None) is None:
+        generation.set_sampler(tp, "top_k")
+    generator = jax_generator(tp)
+    inputs = example_prompts(
+        int(model.backbone.vocabulary_size),
+        batch_size=batch_size,
+        max_length=max_length,
+        prompt_length=prompt_length,
+    )
+    start = time.perf_counter()
+    text = generator.compile(inputs).as_text()
+    return text, time.perf_counter() - start, generator.cache_shape
 
 
 def analyze_model(
