@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from helpers import rel_tol, split_dim_shards_ok
 
-from keras_tensor_parallel import catalogue
+from keras_tensor_parallel import catalogue, plan_model
 from keras_tensor_parallel.loading import memory, plan_source
 from keras_tensor_parallel.model import TensorParallelKeras
-from keras_tensor_parallel.plan import plan_model
 
 N = 4
 # RSS the load may add beyond the model's bytes and its largest variable:

@@ -3,7 +3,7 @@ any Keras 3 model."""
 
 __version__ = "0.1.0"
 
-_PLAN_NAMES = ("Role", "ShardingPlan", "VariablePlan", "plan_model")
+_PLAN_NAMES = ("Role", "ShardingPlan", "VariablePlan")
 
 __all__ = [
     "AutoTPDistribution",
@@ -79,6 +79,11 @@ def __getattr__(name):
         from keras_tensor_parallel.distribution import AutoTPDistribution
 
         return AutoTPDistribution
+    if name == "plan_model":
+        # Takes builders and preset directories too (planned unallocated).
+        from keras_tensor_parallel.loading import api
+
+        return api.plan_model
     if name in _PLAN_NAMES:
         # Lazy too: `keras-tp` sets KERAS_BACKEND and quiets TensorFlow's
         # start-up logs before anything imports keras.

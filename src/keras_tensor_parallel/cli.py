@@ -260,8 +260,7 @@ def _run_models(args) -> int:
 def _run_plan(args) -> int:
     import keras
 
-    from keras_tensor_parallel import catalogue
-    from keras_tensor_parallel.plan import plan_model
+    from keras_tensor_parallel import catalogue, plan_model
 
     overrides = dict(args.override) or None
     if os.path.isdir(args.model):  # a preset: planned unallocated (issue 11)

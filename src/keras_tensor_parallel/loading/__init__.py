@@ -8,6 +8,7 @@ Importing this package imports no backend: `TensorParallelKeras` uses
 __all__ = [
     "build_unallocated",
     "load",
+    "plan_model",
     "plan_source",
     "resolve",
     "unallocated",
@@ -19,7 +20,7 @@ def __getattr__(name):
         from keras_tensor_parallel.loading import abstract
 
         return getattr(abstract, name)
-    if name in ("load", "plan_source", "resolve"):
+    if name in ("load", "plan_model", "plan_source", "resolve"):
         from keras_tensor_parallel.loading import api
 
         return getattr(api, name)

@@ -3,7 +3,8 @@
     source ──build unallocated──▶ plan ──place each value as shards──▶ wrap
 
 `TensorParallelKeras.from_preset` and `TensorParallelKeras.build` call
-`load`; `plan_model` accepts the same sources through `plan_source`.
+`load`; `keras_tensor_parallel.plan_model` (`plan_model` here) accepts the
+same sources through `plan_source`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,50 @@ def plan_source(
     )
 
 
+def plan_model(
+    model,
+    world_size: int,
+    *,
+    overrides: dict | None = None,
+    slice_operands: bool = True,
+    model_class=None,
+):
+    """`keras_tensor_parallel.plan_model`: plan a built model, a function
+    that builds one, or a preset directory (the last two without
+    allocating a weight).
+
+    Args:
+        model: A built Keras model, a builder function or a KerasHub /
+            Hugging Face preset directory.
+        world_size: Number of devices on the model axis.
+        overrides: As for `plan.plan_model`.
+        slice_operands: As for `plan.plan_model`.
+        model_class: Presets only: the KerasHub class to build.
+
+    Returns:
+        The `ShardingPlan`.
+
+    Example:
+
+    ```python
+    plan = plan_model("llama3_70b_config_only/", 8)
+    ```
+    """
+    from keras_tensor_parallel.plan import planner
+
+    if planner.is_source(model):
+        return plan_source(
+            model,
+            world_size,
+            model_class=model_class,
+            overrides=overrides,
+            slice_operands=slice_operands,
+        )
+    return planner.plan_model(
+        model, world_size, overrides=overrides, slice_operands=slice_operands
+    )
+
+
 def load(
     source,
     *,
@@ -102,9 +147,8 @@ def load(
     """Build `source` straight into shards and wrap it in `wrapper`.
 
     Every variable is created with its plan's layout and its saved value is
-    read shard by shard: no device holds a whole split variable. Names and
-    shapes are checked against the files before anything is read; on any
-    error every value placed so far is dropped.
+    read shard by shard: no device holds a whole split variable. Files are
+    checked before anything is read; on error every placed value is dropped.
 
     Args:
         source: A preset directory or a function that builds the model.
@@ -122,13 +166,7 @@ def load(
     tp = load("opt_preset/", wrapper=TensorParallelKeras, world_size=4)
     ```
     """
-    backend = devices_lib.validate_backend(distributed_backend)
-    if backend != "jax":
-        raise ValueError(
-            "Loading straight into shards is implemented for the JAX engine "
-            "only; on torch build the model, then wrap it. Received: "
-            f"distributed_backend={distributed_backend!r}"
-        )
+    backend = _jax_only(distributed_backend)
     ids = devices_lib.resolve_devices(
         world_size=world_size, device_ids=device_ids
     )
@@ -147,12 +185,23 @@ def load(
             plan=plan,
             **kwargs,
         )
-    except Exception:
+    except BaseException:  # Ctrl-C too: nothing half-loaded stays
         place_lib.unplace(src.created)
         raise
     if src.compile_task:
         src.model.compile()  # KerasHub tasks come compiled by default
     return tp
+
+
+def _jax_only(distributed_backend) -> str:
+    backend = devices_lib.validate_backend(distributed_backend)
+    if backend != "jax":
+        raise ValueError(
+            "Loading straight into shards is implemented for the JAX engine "
+            "only; on torch build the model, then wrap it. Received: "
+            f"distributed_backend={distributed_backend!r}"
+        )
+    return backend
 
 
 def _place_all(src: sources.Source, plan, ids) -> None:

@@ -87,15 +87,12 @@ def plan_model(
     print(plan.table())
     ```
     """
-    if _is_builder_or_preset(model):
-        # Lazy: loading builds with a backend; plan/ imports no framework.
-        from keras_tensor_parallel.loading import plan_source
-
-        return plan_source(
-            model,
-            world_size,
-            overrides=overrides,
-            slice_operands=slice_operands,
+    if is_source(model):
+        # Building a source needs a backend; plan/ imports no framework.
+        raise ValueError(
+            "plan.plan_model plans a built model; for a builder function "
+            "or a preset directory use keras_tensor_parallel.plan_model, "
+            f"which builds it without allocating. Received: {model!r}"
         )
     validate_world_size(world_size)
     check_built(model)
@@ -109,7 +106,9 @@ def plan_model(
     return plan
 
 
-def _is_builder_or_preset(model) -> bool:
+def is_source(model) -> bool:
+    """Whether `model` is a builder function or a preset directory rather
+    than a built model."""
     if isinstance(model, (str, os.PathLike)):
         return os.path.isdir(model)
     return callable(model) and not isinstance(model, keras.layers.Layer)
