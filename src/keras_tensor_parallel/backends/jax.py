@@ -11,12 +11,14 @@ never looked up, and sliced off the logits), while `numpy()`, `assign()`,
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 
 import jax
 import keras
 import numpy as np
 from keras.distribution import TensorLayout
+from keras.layers import InputSpec
 
 from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.backends.jax_distribution import (
@@ -95,6 +97,35 @@ def install_vocab_slicing(model, plan: ShardingPlan, journal) -> None:
     for layer in model._flatten_layers(include_self=True):
         if layer.path in padded_layers:
             journal.setattr(layer, "call", _reverse_sliced(layer))
+
+
+def widen_padded_inputs(model, plan: ShardingPlan, journal) -> None:
+    """A row layer whose input features are stored padded takes the padded
+    width: Keras's `InputSpec` (a Dense checks axis -1 against its kernel)
+    would refuse the padded activation its column layer now produces."""
+    padded = {
+        e.path: e
+        for e in plan
+        if e.padded_shape is not None and e.role == Role.ROW
+    }
+    for layer in model._flatten_layers(include_self=False):
+        spec = layer._input_spec
+        if not isinstance(spec, InputSpec) or not spec.axes:
+            continue
+        for v in layer.variables:
+            entry = padded.get(v.path)
+            if entry is None:
+                continue
+            (was, now) = next(
+                (a, b)
+                for a, b in zip(entry.shape, entry.padded_shape)
+                if a != b
+            )
+            axes = {k: now if s == was else s for k, s in spec.axes.items()}
+            wide = copy.copy(spec)
+            wide.axes = axes
+            journal.setattr(layer, "_input_spec", wide)
+            break
 
 
 def _reverse_sliced(layer):
@@ -236,6 +267,7 @@ class JaxEngine:
             apply_plan(model, self.plan, self.mesh, journal, checkpoint)
             checkpoint()
             install_vocab_slicing(model, self.plan, journal)
+            widen_padded_inputs(model, self.plan, journal)
             # Sibling projections (q/k/v, gate/up) reduce their input
             # gradient once, as Megatron does (see backends/jax_fusion.py).
             from keras_tensor_parallel.backends import jax_fusion

@@ -256,15 +256,20 @@ def _single_device_bytes(model, optimizer) -> dict:
 
 def _ideal_bytes(tp, slots, world_size: int) -> float:
     """Megatron's ideal: split variables and their same-shape slots divided
-    by N, everything else whole (logical shapes: no vocab padding)."""
+    by N, everything else whole; plus the cost the plan states for what
+    does not divide (padded heads or vocab rows, kv heads held by several
+    devices): a split variable counts at its plan's per-device shape."""
     from keras_tensor_parallel.backends.base import slot_owner
 
     plan = {e.path: e for e in tp.plan}
     params = list(tp.trainable_variables)
+    n = tp.plan.world_size  # the model axis (data replicas hold copies)
 
     def ideal(path, shape, dtype) -> float:
-        size = float(np.prod(shape)) * np.dtype(dtype).itemsize
-        return size / world_size if plan[path].is_split else size
+        entry = plan[path]
+        if entry.is_split:
+            shape = entry.per_device_shape(n)
+        return float(np.prod(shape)) * np.dtype(dtype).itemsize
 
     total = sum(ideal(v.path, plan[v.path].shape, v.dtype) for v in params)
     for slot in slots:
