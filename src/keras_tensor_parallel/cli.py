@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     # here for --help.
     sub.add_parser(
         "launch",
-        help="run a script on N processes (torch backend): "
-        "launch -n N script.py [args]",
+        help="run a script on N processes (any KERAS_BACKEND): "
+        "launch -n N [--timeout S] script.py [args]",
         add_help=False,
     )
     e = sub.add_parser(

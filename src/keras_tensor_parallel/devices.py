@@ -146,3 +146,27 @@ def resolve_devices(
         available=available_devices(backend),
         backend=backend,
     )
+
+
+def tensor_parallel_size(size, ids: list[str], backend: str) -> int:
+    """The model-axis size: `size` (default all of `ids`), a positive
+    divisor of `len(ids)`; data parallelism only on the JAX engine."""
+    if size is None:
+        return len(ids)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            "tensor_parallel_size must be a positive integer or None. "
+            f"Received: tensor_parallel_size={size!r}"
+        )
+    if len(ids) % size:
+        raise ValueError(
+            f"tensor_parallel_size must divide world_size ({len(ids)}). "
+            f"Received: tensor_parallel_size={size}"
+        )
+    if size != len(ids) and backend != "jax":
+        raise ValueError(
+            "Data parallelism (tensor_parallel_size < world_size) runs on "
+            f"the JAX engine only. Received: tensor_parallel_size={size} "
+            f"with world_size={len(ids)} on the {backend} engine"
+        )
+    return size

@@ -77,7 +77,9 @@ class TensorParallelKeras(keras.Model):
         ids = devices_lib.resolve_devices(
             world_size=world_size, device_ids=device_ids, backend=backend
         )
-        tp_size = _tensor_parallel_size(tensor_parallel_size, ids, backend)
+        tp_size = devices_lib.tensor_parallel_size(
+            tensor_parallel_size, ids, backend
+        )
         if plan is None:
             # XLA slices unsplit operands that meet a split dim; the torch
             # engine runs the model's own code per rank and cannot.
@@ -333,30 +335,6 @@ class TensorParallelKeras(keras.Model):
             "the original model, which loads on one device; wrap it again "
             "after loading."
         )
-
-
-def _tensor_parallel_size(size, ids: list[str], backend: str) -> int:
-    """The model-axis size: `size` (default all of `ids`), a positive
-    divisor of `len(ids)`; data parallelism only on the JAX engine."""
-    if size is None:
-        return len(ids)
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(
-            "tensor_parallel_size must be a positive integer or None. "
-            f"Received: tensor_parallel_size={size!r}"
-        )
-    if len(ids) % size:
-        raise ValueError(
-            f"tensor_parallel_size must divide world_size ({len(ids)}). "
-            f"Received: tensor_parallel_size={size}"
-        )
-    if size != len(ids) and backend != "jax":
-        raise ValueError(
-            "Data parallelism (tensor_parallel_size < world_size) runs on "
-            f"the JAX engine only. Received: tensor_parallel_size={size} "
-            f"with world_size={len(ids)} on the {backend} engine"
-        )
-    return size
 
 
 def _check_overrides(overrides) -> None:

@@ -58,7 +58,8 @@ def complete_steps(directory) -> list[int]:
 
 
 def step_path(directory, step: int) -> str:
-    return os.path.join(os.fspath(directory), f"step_{step:08d}")
+    # Absolute: Orbax refuses a relative path ("ckpt" as a user writes it).
+    return os.path.join(os.path.abspath(directory), f"step_{step:08d}")
 
 
 def _tree(groups: dict) -> dict:
@@ -124,7 +125,7 @@ def latest(directory) -> str:
     if _STEP.match(os.path.basename(directory.rstrip("/"))) and (
         ocp.is_orbax_checkpoint(directory)
     ):
-        return directory
+        return os.path.abspath(directory)
     steps = complete_steps(directory)
     if not steps:
         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from keras_tensor_parallel import devices as devices_lib
 from keras_tensor_parallel.loading import place as place_lib
 from keras_tensor_parallel.loading import sources
+from keras_tensor_parallel.plan import planner
 
 
 def resolve(source, *, model_class=None, weights=None) -> sources.Source:
@@ -116,8 +117,6 @@ def plan_model(
     plan = plan_model("llama3_70b_config_only/", 8)
     ```
     """
-    from keras_tensor_parallel.plan import planner
-
     if planner.is_source(model):
         return plan_source(
             model,
@@ -157,8 +156,7 @@ def load(
         world_size, device_ids, distributed_backend, overrides, plan,
             **kwargs: As for `TensorParallelKeras(...)`.
 
-    Returns:
-        A `wrapper` instance.
+    Returns: A `wrapper` instance.
 
     Example:
 
@@ -172,9 +170,10 @@ def load(
     )
     src = resolve(source, model_class=model_class, weights=weights)
     if plan is None:
-        from keras_tensor_parallel.plan import plan_model
-
-        plan = plan_model(src.model, len(ids), overrides=overrides)
+        size = devices_lib.tensor_parallel_size(
+            kwargs.get("tensor_parallel_size"), ids, backend
+        )
+        plan = planner.plan_model(src.model, size, overrides=overrides)
     try:
         _place_all(src, plan, ids)
         tp = wrapper(
