@@ -35,6 +35,7 @@ from keras_tensor_parallel import processes
 DEFAULT_TIMEOUT = 300.0
 EXIT_TIMEOUT = 124
 POLL_S = 0.05
+GRACE_S = 0.5  # failures this close together are one fault
 _PR_SET_PDEATHSIG = 1
 
 
@@ -145,10 +146,16 @@ class Ranks:
         ("timeout", ranks still running).
         """
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
+        grace = None
         while True:
             codes = [p.poll() for p in self.procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
+            if failed and grace is None:
+                # A rank that dies takes its peers' collectives down with
+                # it, and a busy machine may show a peer's exit first:
+                # collect what fails together before blaming one.
+                grace = time.monotonic() + GRACE_S
+            if failed and (time.monotonic() >= grace or None not in codes):
                 self.running = [r for r, c in enumerate(codes) if c is None]
                 return "failed", failed
             if all(c == 0 for c in codes):
@@ -179,13 +186,18 @@ class Ranks:
 
 
 def _blame(ranks: Ranks, failed: list[int]) -> int:
-    """Of the ranks that failed in the same poll, the one that caused it:
-    one whose own record says so, else the first."""
+    """Of the ranks that failed together, the one that caused it: one
+    killed by a signal (its peers then fail in a collective), else the
+    first to record an error of its own, else the first seen."""
     for rank in failed:
-        rec = ranks.record(rank)
-        if rec and rec.get("origin") in (None, rank):
+        if ranks.procs[rank].returncode < 0 and not ranks.record(rank):
             return rank
-    return failed[0]
+    own = [
+        (os.stat(ranks.error_file(rank)).st_mtime_ns, rank)
+        for rank in failed
+        if (rec := ranks.record(rank)) and rec.get("origin") in (None, rank)
+    ]
+    return min(own)[1] if own else failed[0]
 
 
 def _describe(ranks: Ranks, rank: int) -> tuple[int, str, str]:
