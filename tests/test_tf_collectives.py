@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -65,21 +64,10 @@ def worker(out_path: str) -> None:
 
 @pytest.mark.torch  # runs subprocesses of another backend, like torch's
 def test_tf_collectives_match_the_math(tmp_path):
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", OMP_NUM_THREADS="1")
-    env.pop("XLA_FLAGS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "keras_tensor_parallel.launch",
-        "-n",
-        "2",
-        "--timeout",
-        str(TIMEOUT),
-        HERE,
-        str(tmp_path / "res"),
-    ]
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT + 30
+    from ranks import launch
+
+    proc = launch(
+        HERE, str(tmp_path / "res"), backend="tensorflow", timeout=TIMEOUT
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     full = np.arange(30, dtype="float32").reshape(6, 5)

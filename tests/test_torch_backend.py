@@ -432,27 +432,9 @@ def wrap_error_worker(out_path: str) -> None:
 
 
 def _launch(tmp_path, *args, timeout=TIMEOUT):
-    env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    env.pop("XLA_FLAGS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "keras_tensor_parallel.launch",
-        "-n",
-        "2",
-        "--timeout",
-        str(timeout),
-        HERE,
-        *args,
-    ]
-    return subprocess.run(
-        cmd,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=timeout + 30,
-    )
+    from ranks import launch
+
+    return launch(HERE, *args, backend="torch", timeout=timeout, cwd=tmp_path)
 
 
 @pytest.mark.torch

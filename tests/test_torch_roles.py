@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -201,22 +200,9 @@ def worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("roles")
-    env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    env.pop("XLA_FLAGS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "keras_tensor_parallel.launch",
-        "-n",
-        "2",
-        "--timeout",
-        str(TIMEOUT),
-        HERE,
-        str(tmp / "res"),
-    ]
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT + 30
-    )
+    from ranks import launch
+
+    proc = launch(HERE, str(tmp / "res"), backend="torch", timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((tmp / f"res.{r}").read_text()) for r in (0, 1)]
 
