@@ -221,7 +221,7 @@ def memory_check(
     with tp.engine.scope():
         opt.build(tp.trainable_variables)
     tp.engine.place_state(opt.variables)
-    ideal = _ideal_bytes(tp, opt.variables, world_size)
+    ideal = _ideal_bytes(tp, opt.variables)
     p_dev = tp.engine.per_device_bytes(tp.trainable_variables)
     o_dev = tp.engine.per_device_bytes(opt.variables)
     totals = {d: p_dev.get(d, 0) + o_dev.get(d, 0) for d in p_dev}
@@ -254,7 +254,7 @@ def _single_device_bytes(model, optimizer) -> dict:
     return out
 
 
-def _ideal_bytes(tp, slots, world_size: int) -> float:
+def _ideal_bytes(tp, slots) -> float:
     """Megatron's ideal: split variables and their same-shape slots divided
     by N, everything else whole; plus the cost the plan states for what
     does not divide (padded heads or vocab rows, kv heads held by several
