@@ -12,6 +12,8 @@ import re
 import sys
 import time
 
+from keras_tensor_parallel import cli_mesh
+
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 _FLAG = "--xla_force_host_platform_device_count"
@@ -137,6 +139,7 @@ def _add_plan(p) -> None:
 
 def _add_verify(v) -> None:
     _common(v)
+    cli_mesh.add_tp_size(v)
     v.add_argument("--steps", type=_positive, default=8, help="train steps")
     v.add_argument("--batch-size", type=_positive, default=2)
     v.add_argument("--seq-len", type=_positive, default=32)
@@ -160,6 +163,7 @@ def _add_verify(v) -> None:
 
 def _add_train(t) -> None:
     _common(t)
+    cli_mesh.add_tp_size(t)
     t.add_argument("--steps", type=_positive, required=True)
     t.add_argument(
         "--data",
@@ -185,6 +189,7 @@ def _add_train(t) -> None:
 
 def _add_comms(c) -> None:
     _common(c)
+    cli_mesh.add_tp_size(c)
     c.add_argument("--batch-size", type=_positive, default=2)
     c.add_argument("--seq-len", type=_positive, default=32)
     c.add_argument("--format", choices=("table", "json"), default="table")
@@ -304,11 +309,12 @@ def _run_verify(args) -> int:
     require_jax("keras-tp verify")
     spec = catalogue.resolve(args.model)
     ids = _check_devices(args.world_size)
+    mesh = cli_mesh.check_mesh(args)
     out = args.out or os.path.join("reports", _slug(spec.name))
     console = Console(stderr=False, highlight=False)
     console.print(
         f"[bold]keras-tp verify[/] {spec.name} on {args.world_size} "
-        f"devices ({', '.join(ids)}) vs one device"
+        f"devices ({', '.join(ids)}){mesh} vs one device"
     )
     started = time.time()
     result = runner.run_checks(
@@ -321,6 +327,7 @@ def _run_verify(args) -> int:
         train_model=args.train_model,
         tolerance=args.tolerance,
         progress=runner.ConsoleProgress(console),
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     report = runner.report_dict(
         spec, args, ids, result, started=started, tolerance=args.tolerance
@@ -348,6 +355,7 @@ def _run_train(args) -> int:
 
     spec = catalogue.resolve(args.model)
     ids = _check_devices(args.world_size)
+    mesh = cli_mesh.check_mesh(args)
     config = TrainConfig(
         steps=args.steps,
         out_dir=args.out or os.path.join("runs", _slug(spec.name)),
@@ -358,9 +366,12 @@ def _run_train(args) -> int:
         val_every=args.val_every,
         size=args.model_size,
         seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     summary = train_lm(spec, args.world_size, config)
-    print(f"trained {spec.name} on {len(ids)} devices: {summary['model']}")
+    print(
+        f"trained {spec.name} on {len(ids)} devices{mesh}: {summary['model']}"
+    )
     print(
         f"final training loss {summary['final_loss']:.4f}, validation loss "
         f"{summary['final_val_loss']:.4f} (nats/byte)"
@@ -380,6 +391,7 @@ def _run_comms(args) -> int:
     require_jax("keras-tp comms")
     spec = catalogue.resolve(args.model)
     _check_devices(args.world_size)
+    cli_mesh.check_mesh(args)
     keras.utils.set_random_seed(args.seed)
     model = spec.build()
     if args.generate:
@@ -399,6 +411,7 @@ def _run_comms(args) -> int:
             args.world_size,
             batch_size=args.batch_size,
             seq_len=args.seq_len,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     if args.format == "json":
         import json

@@ -27,6 +27,9 @@ class TrainConfig:
         size: `auto`, `full` or `tiny` (see `catalogue.sized`).
         seed: Weights and batch order.
         verbose: Show a progress bar of the steps.
+        tensor_parallel_size: The model axis (`None`: the world size); the
+            rest of the devices are data parallel, each taking
+            `batch_size / data` windows per step.
     """
 
     steps: int
@@ -39,6 +42,7 @@ class TrainConfig:
     size: str = "auto"
     seed: int = 0
     verbose: bool = True
+    tensor_parallel_size: int | None = None
 
 
 def read_text(path: str | None, max_bytes: int = 20_000_000) -> bytes:
@@ -116,7 +120,7 @@ def train_lm(spec: ModelSpec, world_size: int, config: TrainConfig) -> dict:
     build = catalogue.lm_builder(trained)
     (x, y), (vx, vy) = _batches(config, trained.vocab)
     keras.utils.set_random_seed(config.seed)
-    tp = _compiled_tp(build(), world_size, config.learning_rate)
+    tp = _compiled_tp(build(), world_size, config)
     val_every = config.val_every or max(1, config.steps // 5)
     progress = _progress_callback(config.steps, config.verbose)
     history = tp.fit(
@@ -140,14 +144,18 @@ def train_lm(spec: ModelSpec, world_size: int, config: TrainConfig) -> dict:
     )  # fmt: skip
 
 
-def _compiled_tp(model, world_size: int, learning_rate: float):
+def _compiled_tp(model, world_size: int, config: TrainConfig):
     import keras
 
     from keras_tensor_parallel.model import TensorParallelKeras
 
-    tp = TensorParallelKeras(model, world_size=world_size)
+    tp = TensorParallelKeras(
+        model,
+        world_size=world_size,
+        tensor_parallel_size=config.tensor_parallel_size,
+    )
     tp.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return tp
@@ -171,6 +179,8 @@ def _finish(tp, spec, trained, world_size, config, *, losses, val, val_steps):
     summary = {
         "model": trained.description,
         "world_size": world_size,
+        "tensor_parallel_size": tp.tensor_parallel_size,
+        "data_parallel_size": tp.data_parallel_size,
         "steps": config.steps,
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,

@@ -88,3 +88,36 @@ def megatron_minimum(
             size = tokens * math.prod(e.shape[1:]) * nbytes
             forward += [(f"{e.layer} lookup", size)] * lookups
     return Minimum(tuple(forward), tuple(backward))
+
+
+# The data axis ---------------------------------------------------------------
+
+DATA_AXIS_FORMULA = (
+    "one all-reduce of a replica's gradients per step: sum over trainable "
+    "variables of bytes(v) / model if v is split else bytes(v) "
+    "(padded shapes)"
+)
+
+
+def data_axis_minimum(
+    plan: ShardingPlan, trainable_paths, *, data: int
+) -> tuple[tuple[str, int], ...]:
+    """`(variable path, bytes)` the data axis must reduce per step: each
+    trainable variable's gradient shard once (`DATA_AXIS_FORMULA`);
+    nothing when `data` is 1.
+
+    Example:
+
+    ```python
+    paths = [v.path for v in tp.trainable_variables]
+    sum(b for _, b in data_axis_minimum(tp.plan, paths, data=2))
+    ```
+    """
+    if data <= 1:
+        return ()
+    wanted = set(trainable_paths)
+    return tuple(
+        (e.path, e.per_device_bytes(plan.world_size))
+        for e in plan
+        if e.path in wanted
+    )

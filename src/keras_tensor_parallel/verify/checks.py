@@ -78,7 +78,13 @@ def _flat_outputs(out) -> list:
 
 
 def compare_forward(
-    model_fn, world_size: int, *, inputs, seed: int = 0, threshold=1e-5
+    model_fn,
+    world_size: int,
+    *,
+    inputs,
+    seed: int = 0,
+    threshold=1e-5,
+    tensor_parallel_size: int | None = None,
 ) -> Check:
     """Forward outputs of the TP model vs the single-device model.
 
@@ -91,7 +97,12 @@ def compare_forward(
     check = compare_forward(spec.build, 2, inputs=spec.inputs(2, 16))
     ```
     """
-    reference, tp = build_tp_pair(model_fn, world_size, seed=seed)
+    reference, tp = build_tp_pair(
+        model_fn,
+        world_size,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     ref_out = _flat_outputs(reference(inputs, training=False))
     with tp.engine.scope():
         tp_out = _flat_outputs(tp(inputs, training=False))
@@ -136,6 +147,7 @@ def compare_gradients(
     loss_fn=None,
     threshold: float = 1e-5,
     dtype_policy=None,
+    tensor_parallel_size: int | None = None,
 ) -> Check:
     """Every variable's gradient, TP (gathered, unpadded) vs single device.
 
@@ -153,7 +165,11 @@ def compare_gradients(
     """
     loss_fn = loss_fn or default_loss
     reference, tp = build_tp_pair(
-        model_fn, world_size, seed=seed, dtype_policy=dtype_policy
+        model_fn,
+        world_size,
+        seed=seed,
+        dtype_policy=dtype_policy,
+        tensor_parallel_size=tensor_parallel_size,
     )
     ref = model_gradients(reference, inputs, loss_fn)
     ref = {k: np.asarray(g) for k, g in ref.items()}
@@ -195,6 +211,7 @@ def memory_check(
     optimizer="adam",
     seed: int = 0,
     slack: float = 1.01,
+    tensor_parallel_size: int | None = None,
 ) -> Check:
     """Per-device bytes of parameters + optimizer state vs Megatron's ideal.
 
@@ -216,7 +233,9 @@ def memory_check(
     keras.utils.set_random_seed(seed)
     model = model_fn()
     single = _single_device_bytes(model, optimizer)
-    tp = TensorParallelKeras(model, world_size=world_size)
+    tp = TensorParallelKeras(
+        model, world_size=world_size, tensor_parallel_size=tensor_parallel_size
+    )
     opt = keras.optimizers.get(optimizer)
     with tp.engine.scope():
         opt.build(tp.trainable_variables)

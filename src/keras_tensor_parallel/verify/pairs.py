@@ -73,9 +73,11 @@ def build_tp_pair(
     *,
     seed: int = 0,
     dtype_policy=None,
+    tensor_parallel_size: int | None = None,
 ):
     """`(reference, tp)`: a single-device model and an independently built
-    `TensorParallelKeras` with the same weights and RNG seed state.
+    `TensorParallelKeras` with the same weights and RNG seed state, on a
+    `(data, model=tensor_parallel_size)` mesh (default: model=world_size).
 
     Example:
 
@@ -92,5 +94,9 @@ def build_tp_pair(
     for ref_v, cand_v in zip(reference.variables, candidate.variables):
         if ref_v.path.endswith("seed_generator_state"):
             cand_v.assign(np.array(ref_v.value))
-    tp = TensorParallelKeras(candidate, world_size=world_size)
+    tp = TensorParallelKeras(
+        candidate,
+        world_size=world_size,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     return reference, tp

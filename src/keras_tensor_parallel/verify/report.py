@@ -277,10 +277,17 @@ def render_markdown(report: dict) -> str:
     if report.get("plan_summary"):
         lines += ["## Sharding plan", "", "```"]
         lines += report["plan_summary"]
+        tp_size = report.get("tensor_parallel_size") or report["world_size"]
         lines += ["```", "", "Full plan: `keras-tp plan "
-                  f"{report['model']} --world-size {report['world_size']}`.",
+                  f"{report['model']} --world-size {tp_size}`.",
                   ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _mesh_words(report: dict) -> str:
+    """` (data D x model T)` when part of the world is data parallel."""
+    n, t = report["world_size"], report.get("tensor_parallel_size") or 0
+    return f" (data {n // t} x model {t})" if t and t != n else ""
 
 
 def _markdown_head(report: dict, checks: list[CheckRow]) -> list[str]:
@@ -292,7 +299,7 @@ def _markdown_head(report: dict, checks: list[CheckRow]) -> list[str]:
         counted += f", {skipped} with nothing to check (n/a)"
     lines = [
         f"# keras-tp verify: {report['model']}, world size "
-        f"{report['world_size']}",
+        f"{report['world_size']}{_mesh_words(report)}",
         "",
         f"**Result: {'all checks passed' if ok else 'FAILED'}** ({counted}).",
         "",

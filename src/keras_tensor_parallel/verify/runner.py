@@ -75,10 +75,11 @@ def run_checks(
     train_model: str = "auto",
     tolerance=None,
     progress=None,
+    tensor_parallel_size: int | None = None,
 ) -> VerifyResult:
     """Forward, gradients, memory and training checks of `spec` (a
-    `catalogue.ModelSpec`) at `world_size` against one device.
-
+    `catalogue.ModelSpec`) at `world_size` against one device, on a
+    `(data, model=tensor_parallel_size)` mesh (default: model=world_size).
     A check that raises becomes an ERROR row; the others still run.
 
     Example:
@@ -94,20 +95,21 @@ def run_checks(
 
     require_jax("keras-tp verify")
     x = spec.inputs(batch_size, seq_len, seed)
+    kw = {"seed": seed, "tensor_parallel_size": tensor_parallel_size}
     jobs = [
         ("forward", lambda: [checks.compare_forward(
-            spec.build, world_size, inputs=x, seed=seed)]),
+            spec.build, world_size, inputs=x, **kw)]),
         ("gradients", lambda: [checks.compare_gradients(
-            spec.build, world_size, inputs=x, seed=seed)]),
+            spec.build, world_size, inputs=x, **kw)]),
         ("memory", lambda: [checks.memory_check(
-            spec.build, world_size, seed=seed)]),
+            spec.build, world_size, **kw)]),
     ]  # fmt: skip
     training: dict = {}
 
     def train_job():
         result, training["data"] = _training(
             spec, world_size, steps=steps, batch_size=batch_size,
-            seq_len=seq_len, seed=seed, train_model=train_model,
+            seq_len=seq_len, train_model=train_model, **kw,
         )  # fmt: skip
         return result.checks
 
@@ -120,9 +122,8 @@ def run_checks(
         rows += new
         if progress:
             progress.done(new)
-    return VerifyResult(
-        rows, training.get("data"), _plan_summary(spec, world_size, seed)
-    )
+    summary = _plan_summary(spec, tensor_parallel_size or world_size, seed)
+    return VerifyResult(rows, training.get("data"), summary)
 
 
 def _run_job(name, job, tolerance, training) -> list[CheckRow]:
@@ -153,7 +154,8 @@ def _run_job(name, job, tolerance, training) -> list[CheckRow]:
 
 
 def _training(
-    spec, world_size, *, steps, batch_size, seq_len, seed, train_model
+    spec, world_size, *, steps, batch_size, seq_len, seed, train_model,
+    tensor_parallel_size=None,
 ):  # fmt: skip
     """The paired training run: a causal LM on real text when `spec` is
     one, else regression to random targets; `(comparison, report data)`."""
@@ -179,6 +181,7 @@ def _training(
         build, world_size, inputs=x, targets=y, loss=loss,
         optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
         steps=steps, batch_size=batch_size, seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
     return result, {
         "losses_single": [float(v) for v in result.losses_single],
@@ -240,6 +243,11 @@ def _plan_summary(spec, world_size, seed) -> list:
         return []
 
 
+def _tp_size(args) -> int:
+    """The model axis of the run (the world size unless set)."""
+    return getattr(args, "tensor_parallel_size", None) or args.world_size
+
+
 def _one_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
@@ -254,6 +262,7 @@ def report_dict(spec, args, device_ids, result, *, started, tolerance):
         "model": spec.name,
         "description": spec.description,
         "world_size": args.world_size,
+        "tensor_parallel_size": _tp_size(args),
         "backend": keras.backend.backend(),
         "devices": ", ".join(device_ids),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),

@@ -196,6 +196,7 @@ def compare_training(
     dtype_policy=None,
     loss_rtol: float = 1e-5,
     weight_rtol: float = 1e-4,
+    tensor_parallel_size: int | None = None,
 ) -> TrainingComparison:
     """Train a single-device model and an independently built TP model.
 
@@ -212,12 +213,12 @@ def compare_training(
         optimizer_fn: Returns a fresh optimizer (one per model).
         dtype_policy: e.g. `"float64"` or `"mixed_bfloat16"` while building.
         loss_rtol, weight_rtol: Bounds for the checks.
+        tensor_parallel_size: The model axis (default `world_size`).
 
     Example:
 
     ```python
-    x, y = lm_batches(stdlib_corpus(50_000), batch_size=2, seq_len=16,
-                      steps=10)
+    x, y = lm_batches(stdlib_corpus(50_000), batch_size=2, seq_len=16, steps=10)
     result = compare_training(
         lm_builder(catalogue.get("opt-125m:tiny")), 2, inputs=lm_inputs(x),
         targets=y, loss="sparse_categorical_crossentropy",
@@ -225,9 +226,9 @@ def compare_training(
     ```
     """
     _check_rows(inputs, steps * batch_size)
-    reference, tp = build_tp_pair(
-        model_fn, world_size, seed=seed, dtype_policy=dtype_policy
-    )
+    kw = {"dtype_policy": dtype_policy, "seed": seed}
+    kw["tensor_parallel_size"] = tensor_parallel_size
+    reference, tp = build_tp_pair(model_fn, world_size, **kw)
     first = slice(0, batch_size)
     null = null_gradient_variables(
         reference, _take(inputs, first), targets[first], loss
