@@ -394,8 +394,8 @@ def wrap_error_worker(out_path: str) -> None:
     import torch.distributed as dist
 
     from keras_tensor_parallel import TensorParallelKeras, zoo
+    from keras_tensor_parallel.backends import roles  # styles split here
     from keras_tensor_parallel.backends import torch_collectives as tc
-    from keras_tensor_parallel.backends import torch_roles as roles
 
     build, x, _, _ = _case("gpt2")
     _, cand, _ = zoo.build_pair(build, seed=0)
