@@ -280,3 +280,106 @@ def test_plan_for_other_size_is_refused():
         TensorParallelKeras(
             model, world_size=4, tensor_parallel_size=2, plan=plan
         )
+
+
+# tensor_parallel_size="auto" -------------------------------------------------
+
+
+@functools.cache
+def mlp_needs():
+    """What one device needs at T = 1, 2, 4 (XLA's compiled train step on
+    the default example batch), measured once."""
+    from keras_tensor_parallel import autosize
+    from keras_tensor_parallel.devices import resolve_devices
+
+    keras.utils.set_random_seed(0)
+    model = catalogue.seed_mlp()
+    ids = resolve_devices(world_size=4)
+    return {t: autosize.measure(model, ids, t) for t in (1, 2, 4)}
+
+
+def test_auto_picks_the_smallest_size_that_fits(capsys):
+    needs = mlp_needs()
+    # Splitting over more devices needs less on each.
+    assert needs[1].total > needs[2].total > needs[4].total
+    # A budget between T=2's need and T=1's: T=2, the rest data parallel.
+    budget = (needs[1].total + needs[2].total) // 2
+    build, x, y, loss = mlp_case()
+    single, parallel = twins(build)
+    tp = TensorParallelKeras(
+        parallel,
+        world_size=4,
+        tensor_parallel_size="auto",
+        device_memory=budget,
+    )
+    shown = capsys.readouterr().out
+    assert (tp.tensor_parallel_size, tp.data_parallel_size) == (2, 2)
+    assert "tensor_parallel_size='auto': 2" in shown
+    assert "2 x 2" in shown and "<- chosen" in shown and "4 x 4" not in shown
+    # The figures behind it are what the devices hold: parameter bytes
+    # from the wrapped model's shards; Adam's two slots each as large.
+    held = tp.engine.per_device_bytes(tp.wrapped_model.variables)
+    assert set(held.values()) == {needs[2].params}
+    assert needs[2].optimizer == 2 * needs[2].params + 8  # + step, lr
+    # XLA's arguments: those plus this device's share of the batch.
+    rows = 4 // 2  # example batch: world_size rows over 2 replicas
+    assert needs[2].arguments >= needs[2].params + needs[2].optimizer
+    assert needs[2].arguments - needs[2].params - needs[2].optimizer <= (
+        rows * (64 + 32) * 4 + 64
+    )
+    # And it trains as one device does.
+    want = fit(single, x, y, loss)
+    np.testing.assert_allclose(fit(tp, x, y, loss), want, rtol=1e-5)
+
+
+def test_auto_string_sizes_and_nothing_fits():
+    from keras_tensor_parallel import autosize
+
+    assert autosize.parse_memory("16GB") == 16 * 10**9
+    assert autosize.parse_memory("1.5 GiB") == 3 * 2**29
+    assert autosize.parse_memory(4096) == 4096
+    needs = mlp_needs()
+    model = catalogue.seed_mlp()
+    before = [w.copy() for w in model.get_weights()]
+    smallest = needs[4].total
+    with pytest.raises(ValueError, match="smallest need is") as info:
+        TensorParallelKeras(
+            model,
+            world_size=4,
+            tensor_parallel_size="auto",
+            device_memory=smallest - 1,
+        )
+    from keras_tensor_parallel.plan import format_bytes
+
+    assert format_bytes(smallest) in str(info.value)
+    assert f"device_memory={smallest - 1}" in str(info.value)
+    # The measurements wrapped and unwrapped the model: left as it was.
+    assert not getattr(model, "_tp_wrapped", False)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert all(len(v.value.sharding.device_set) == 1 for v in model.variables)
+
+
+@pytest.mark.parametrize(
+    "size, memory, rule",
+    [
+        ("auto", None, "needs device_memory"),
+        ("auto", "16XB", "device_memory must be bytes"),
+        ("auto", "GB", "device_memory must be bytes"),
+        ("auto", 0, "must be positive"),
+        ("auto", True, "device_memory must be bytes"),
+        (2, "16GB", "read only with tensor_parallel_size='auto'"),
+        ("Auto", None, "positive integer, 'auto' or None"),
+    ],
+)
+def test_bad_auto_arguments(size, memory, rule):
+    model = catalogue.seed_mlp()
+    with pytest.raises(ValueError, match=re.escape(rule)) as info:
+        TensorParallelKeras(
+            model,
+            world_size=4,
+            tensor_parallel_size=size,
+            device_memory=memory,
+        )
+    assert "Received: " in str(info.value)
+    assert not getattr(model, "_tp_wrapped", False)

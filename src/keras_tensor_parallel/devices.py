@@ -148,15 +148,37 @@ def resolve_devices(
     )
 
 
-def tensor_parallel_size(size, ids: list[str], backend: str) -> int:
+def tensor_parallel_size(
+    size,
+    ids: list[str],
+    backend: str,
+    *,
+    model=None,
+    device_memory=None,
+    overrides: dict | None = None,
+) -> int:
     """The model-axis size: `size` (default all of `ids`), a positive
-    divisor of `len(ids)`; data parallelism only on the JAX engine."""
+    divisor of `len(ids)`; data parallelism only on the JAX engine.
+
+    `size="auto"` with `device_memory` (bytes, or a string like `"16GB"`)
+    measures `model`'s train step at each divisor, smallest first, and
+    takes the first that fits one device (`autosize.choose`; it prints
+    the choice and its figures).
+    """
+    if device_memory is not None and size != "auto":
+        raise ValueError(
+            "device_memory is read only with tensor_parallel_size='auto'. "
+            f"Received: device_memory={device_memory!r} with "
+            f"tensor_parallel_size={size!r}"
+        )
+    if isinstance(size, str) and size == "auto":
+        return _auto_size(ids, backend, model, device_memory, overrides)
     if size is None:
         return len(ids)
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(
-            "tensor_parallel_size must be a positive integer or None. "
-            f"Received: tensor_parallel_size={size!r}"
+            "tensor_parallel_size must be a positive integer, 'auto' or "
+            f"None. Received: tensor_parallel_size={size!r}"
         )
     if len(ids) % size:
         raise ValueError(
@@ -170,3 +192,23 @@ def tensor_parallel_size(size, ids: list[str], backend: str) -> int:
             f"with world_size={len(ids)} on the {backend} engine"
         )
     return size
+
+
+def _auto_size(ids, backend, model, device_memory, overrides) -> int:
+    from keras_tensor_parallel import autosize
+
+    if backend != "jax":
+        raise ValueError(
+            "tensor_parallel_size='auto' measures XLA's compiled train "
+            "step: it runs on the JAX engine only. Received: "
+            f"tensor_parallel_size='auto' on the {backend} engine"
+        )
+    if device_memory is None:
+        raise ValueError(
+            "tensor_parallel_size='auto' needs device_memory (bytes per "
+            "device, or a string like '16GB'). Received: "
+            "tensor_parallel_size='auto' without device_memory"
+        )
+    autosize.parse_memory(device_memory)  # a bad value fails before work
+    choice = autosize.choose(model, ids, device_memory, overrides=overrides)
+    return choice.tensor_parallel_size

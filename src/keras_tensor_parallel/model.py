@@ -39,7 +39,14 @@ class TensorParallelKeras(keras.Model):
             (JAX); defaults to `world_size`. A divisor of `world_size`
             gives a `(data=world_size/tensor_parallel_size,
             model=tensor_parallel_size)` mesh: the batch is split over
-            the data axis and gradients are reduced over it.
+            the data axis and gradients are reduced over it. `"auto"`
+            (JAX) with `device_memory`: the smallest divisor at which one
+            device's parameters, optimizer state and activations fit,
+            measured from XLA's compiled train step (Adam, `world_size`
+            example rows); the choice and its figures are printed (see
+            `keras_tensor_parallel.autosize`).
+        device_memory: Bytes per device for `tensor_parallel_size="auto"`,
+            an int or a string such as `"16GB"` or `"80GiB"`.
 
     Example:
 
@@ -62,7 +69,8 @@ class TensorParallelKeras(keras.Model):
         distributed_backend: str = "auto",
         overrides: dict | None = None,
         plan: ShardingPlan | None = None,
-        tensor_parallel_size: int | None = None,
+        tensor_parallel_size: int | str | None = None,
+        device_memory: int | str | None = None,
         **kwargs,
     ):
         backend = devices_lib.validate_backend(distributed_backend)
@@ -78,7 +86,12 @@ class TensorParallelKeras(keras.Model):
             world_size=world_size, device_ids=device_ids, backend=backend
         )
         tp_size = devices_lib.tensor_parallel_size(
-            tensor_parallel_size, ids, backend
+            tensor_parallel_size,
+            ids,
+            backend,
+            model=model,
+            device_memory=device_memory,
+            overrides=overrides,
         )
         if plan is None:
             # XLA slices unsplit operands that meet a split dim; the torch
