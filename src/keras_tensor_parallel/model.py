@@ -326,7 +326,8 @@ class TensorParallelKeras(keras.Model):
         of `directory`; see `keras_tensor_parallel.checkpoint.save`."""
         from keras_tensor_parallel import checkpoint
 
-        return checkpoint.save(self, directory, keep=keep)
+        with self._tp_engine.scope():  # stored (padded) shapes inside
+            return checkpoint.save(self, directory, keep=keep)
 
     def load_checkpoint(self, directory) -> str:
         """Restore the newest complete checkpoint in `directory` into this
@@ -334,7 +335,8 @@ class TensorParallelKeras(keras.Model):
         `keras_tensor_parallel.checkpoint.load`."""
         from keras_tensor_parallel import checkpoint
 
-        return checkpoint.load(self, directory)
+        with self._tp_engine.scope():  # stored (padded) shapes inside
+            return checkpoint.load(self, directory)
 
     def summary(self, *args, **kwargs):
         self._tp_model.summary(*args, **kwargs)

@@ -29,6 +29,7 @@ from keras_tensor_parallel.backends.jax_distribution import (
 from keras_tensor_parallel.backends.jax_variables import (
     logical_value,
     reshard,
+    storage_shapes,
     unshard,
 )
 from keras_tensor_parallel.plan import Role, ShardingPlan
@@ -75,7 +76,8 @@ def place_state(variables, mesh, params) -> None:
         if on_mesh(v, mesh):
             continue
         owner = base.slot_owner(v, params)
-        if owner is not None and tuple(owner.shape) == tuple(v.shape):
+        # Stored shapes: a padded parameter's slot is padded alike.
+        if owner is not None and tuple(owner._shape) == tuple(v._shape):
             v._layout = owner._layout
         else:
             v._layout = replicated(len(v.shape), mesh)
@@ -301,8 +303,13 @@ class JaxEngine:
         self._journal.undo()
         self._params = []
 
+    @contextlib.contextmanager
     def scope(self):
-        return self.distribution.scope()
+        """The distribution scope; padded variables report their stored
+        shape inside (Keras's stateless paths compare it with the
+        arrays), the logical one outside."""
+        with self.distribution.scope(), storage_shapes():
+            yield
 
     def to_numpy(self, variable) -> np.ndarray:
         """The variable's full logical value, gathered across processes."""

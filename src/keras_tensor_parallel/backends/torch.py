@@ -101,9 +101,10 @@ class TorchEngine:
 
     def apply(self, model, *, checkpoint=_no_checkpoint) -> None:
         """Split every planned variable and install each role's forward;
-        all or nothing, on every rank together."""
+        all or nothing, on every rank together. Variables already holding
+        their local shard (`adopt_shard`, as loading makes them) are kept."""
         variables = list(model.variables)
-        base.check_plan_matches(variables, self.plan)
+        base.check_plan_matches([_Full(v) for v in variables], self.plan)
         if self.plan.world_size == 1:
             return  # nothing to split, nothing to communicate
         saved: list = []
@@ -120,12 +121,18 @@ class TorchEngine:
                 roles.style_for(entry.role).undo(v, full)
             _retrack(model)
             raise failed
-        self._split = [(v, entry) for v, entry, _ in saved]
+        self._split = [
+            (v, e)
+            for v, e in zip(variables, self.plan.variables)
+            if roles.is_split(v)
+        ]
 
     def _partition(self, model, variables, saved, checkpoint) -> None:
         for v, entry in zip(variables, self.plan.variables):
             checkpoint()
-            if entry.is_split:
+            if roles.is_split(v):
+                _check_adopted(v, entry, self.plan.world_size)
+            elif entry.is_split:
                 # The full value is kept until the wrap succeeds, so a
                 # failure on any rank rolls back without a collective.
                 saved.append((v, entry, v.value.detach().clone()))
@@ -230,6 +237,63 @@ def _gathered(variables):
     finally:
         for v in variables:
             v.__dict__.pop("_tp_gathered", None)
+
+
+def adopt_shard(variable, dim: int, rank: int, size: int, local) -> None:
+    """Make an unallocated `variable` a split variable whose local shard is
+    `local` (already this rank's rows along `dim`), as `apply` would have
+    split it, without ever creating its full value.
+
+    The split is made on a meta-device placeholder of the full shape (no
+    memory), then the placeholder shard is replaced by `local`.
+
+    Raises:
+        ValueError: when `local` is not this rank's shard shape.
+
+    Example:
+
+    ```python
+    adopt_shard(v, 0, rank, 2, rows)  # v: created unallocated
+    ```
+    """
+    full = tuple(variable.shape)
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    with keras.device("meta"):
+        variable._initialize(
+            torch.empty(full, dtype=getattr(torch, dtype), device="meta")
+        )
+        roles.split_variable(variable, dim, rank, size)
+    if tuple(local.shape) != tuple(variable.shape):
+        raise ValueError(
+            f"Shard of {variable.path} on rank {rank} of {size} must have "
+            f"shape {tuple(variable.shape)} (split on dim {dim} of {full}). "
+            f"Received: shape {tuple(local.shape)}"
+        )
+    variable._value = None
+    variable._initialize(local)
+
+
+def _check_adopted(variable, entry, size: int) -> None:
+    sizes = getattr(variable, "_tp_sizes", [])
+    if not entry.is_split or (variable._tp_dim, len(sizes)) != (
+        entry.split_dim,
+        size,
+    ):
+        raise ValueError(
+            f"Variable {variable.path} holds a shard split on dim "
+            f"{variable._tp_dim} over {len(sizes)} ranks; the plan says "
+            f"{entry.role.value} on dim {entry.split_dim} over {size}. "
+            "Received: a model already split for another plan"
+        )
+
+
+class _Full:
+    """A variable's path and full shape (a split one reports its local
+    shape), to check a plan against already-local shards."""
+
+    def __init__(self, variable):
+        self.path = variable.path
+        self.shape = getattr(variable, "_tp_full_shape", variable.shape)
 
 
 def _attempt(step, *args) -> BaseException | None:

@@ -85,3 +85,9 @@ def build_unallocated(make_model):
             f"{type(model).__name__}"
         )
     return model, created
+
+
+def unplace(variables) -> None:
+    """Drop the values `place` gave (a failed load leaves nothing behind)."""
+    for v in variables:
+        v._value = None

@@ -10,8 +10,7 @@ same sources through `plan_source`.
 from __future__ import annotations
 
 from keras_tensor_parallel import devices as devices_lib
-from keras_tensor_parallel.loading import place as place_lib
-from keras_tensor_parallel.loading import sources
+from keras_tensor_parallel.loading import abstract, sources
 from keras_tensor_parallel.plan import planner
 
 
@@ -145,9 +144,9 @@ def load(
 ):
     """Build `source` straight into shards and wrap it in `wrapper`.
 
-    Every variable is created with its plan's layout and its saved value is
-    read shard by shard: no device holds a whole split variable. Files are
-    checked before anything is read; on error every placed value is dropped.
+    Every variable is created with its plan's layout (torch: its local
+    shard) and its saved value read shard by shard. Files are checked
+    before anything is read; on error every placed value is dropped.
 
     Args:
         source: A preset directory or a function that builds the model.
@@ -164,18 +163,17 @@ def load(
     tp = load("opt_preset/", wrapper=TensorParallelKeras, world_size=4)
     ```
     """
-    backend = _jax_only(distributed_backend)
+    backend = devices_lib.validate_backend(distributed_backend)
     ids = devices_lib.resolve_devices(
-        world_size=world_size, device_ids=device_ids
+        world_size=world_size, device_ids=device_ids, backend=backend
     )
     src = resolve(source, model_class=model_class, weights=weights)
     if plan is None:
-        size = devices_lib.tensor_parallel_size(
-            kwargs.get("tensor_parallel_size"), ids, backend
-        )
-        plan = planner.plan_model(src.model, size, overrides=overrides)
+        size = kwargs.get("tensor_parallel_size")
+        plan = _plan(src.model, size, ids, overrides, backend)
+    place_all = _place_all_torch if backend == "torch" else _place_all
     try:
-        _place_all(src, plan, ids)
+        place_all(src, plan, ids)
         tp = wrapper(
             src.model,
             len(ids),
@@ -185,27 +183,26 @@ def load(
             **kwargs,
         )
     except BaseException:  # Ctrl-C too: nothing half-loaded stays
-        place_lib.unplace(src.created)
+        abstract.unplace(src.created)
         raise
     if src.compile_task:
         src.model.compile()  # KerasHub tasks come compiled by default
     return tp
 
 
-def _jax_only(distributed_backend) -> str:
-    backend = devices_lib.validate_backend(distributed_backend)
-    if backend != "jax":
-        raise ValueError(
-            "Loading straight into shards is implemented for the JAX engine "
-            "only; on torch build the model, then wrap it. Received: "
-            f"distributed_backend={distributed_backend!r}"
-        )
-    return backend
+def _plan(model, size, ids, overrides, backend: str):
+    size = devices_lib.tensor_parallel_size(size, ids, backend)
+    # As `TensorParallelKeras(...)`: the torch engine runs the model's own
+    # code per rank and cannot slice unsplit operands.
+    return planner.plan_model(
+        model, size, overrides=overrides, slice_operands=backend == "jax"
+    )
 
 
 def _place_all(src: sources.Source, plan, ids) -> None:
     """Give every unallocated variable of `src` its sharded value."""
     from keras_tensor_parallel.distribution import AutoTPDistribution
+    from keras_tensor_parallel.loading import place as place_lib
 
     distribution = AutoTPDistribution(plan, device_ids=ids)
     opened = sources.open_parts(src, src.created)  # checks before reading
@@ -218,3 +215,31 @@ def _place_all(src: sources.Source, plan, ids) -> None:
     finally:
         for reader, _ in opened:
             reader.close()
+
+
+def _place_all_torch(src: sources.Source, plan, ids) -> None:
+    """Each rank creates every split variable at its local shard shape and
+    reads only its own rows; the ranks agree that every one succeeded (a
+    rank failing alone must not leave the others waiting in `apply`)."""
+    from keras_tensor_parallel.backends import torch_collectives as tc
+    from keras_tensor_parallel.loading import place_torch
+
+    error = None
+    try:
+        opened = sources.open_parts(src, src.created)  # checks first
+        try:
+            for reader, names in opened:
+                chosen = [v for v in src.created if id(v) in names]
+                place_torch.place_local(
+                    chosen, plan, weights=reader, names=names
+                )
+            rest = [v for v in src.created if v._value is None]
+            place_torch.place_local(rest, plan)  # initializers, local
+        finally:
+            for reader, _ in opened:
+                reader.close()
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank
+        error = e
+    failed = tc.first_error(error)
+    if failed is not None:
+        raise failed

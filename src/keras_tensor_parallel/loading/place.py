@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Called after each variable is placed (`memory.PeakMemory` samples here,
-# so a peak between two variables is never missed).
-OBSERVERS: list = []
+from keras_tensor_parallel.loading import abstract
+from keras_tensor_parallel.loading.observers import OBSERVERS
 
 
 def sharding_of(variable, distribution):
@@ -85,7 +84,4 @@ def place(variables, distribution, *, weights=None, names=None) -> None:
             observe()
 
 
-def unplace(variables) -> None:
-    """Drop values given by `place` (a failed load leaves nothing behind)."""
-    for v in variables:
-        v._value = None
+unplace = abstract.unplace  # jax-free, beside `unallocated`
