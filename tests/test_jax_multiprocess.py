@@ -95,14 +95,75 @@ def _worker(port: int, process_id: int, num_processes: int) -> dict:
     }
 
 
+def _data_parallel_worker(port: int, process_id: int, num_processes: int):
+    """Issue 15 across processes: 4 devices as data=2 x model=2, each
+    process one model-axis group (its own two devices) and one data-axis
+    replica, feeding its own half of every global batch."""
+    import keras
+    import numpy as np
+
+    import keras_tensor_parallel as ktp
+    from keras_tensor_parallel import zoo
+
+    ktp.initialize(
+        f"127.0.0.1:{port}", num_processes, process_id, timeout=TIMEOUT_S
+    )
+    import jax
+
+    reference, candidate, _ = zoo.build_pair(zoo.seed_mlp, seed=7)
+    rng = np.random.RandomState(0)
+    x = rng.randn(8, 64).astype("float32")  # the global batch
+    y = rng.randn(8, 32).astype("float32")
+    mine = slice(4 * process_id, 4 * (process_id + 1))  # this share
+    # The loss of this share alone: what a process that did not join the
+    # other's half would report (the comparison below can tell).
+    half = float(np.mean((np.asarray(reference(x[mine])) - y[mine]) ** 2))
+    reference.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    ref_losses = reference.fit(
+        x, y, epochs=3, batch_size=8, shuffle=False, verbose=0
+    ).history["loss"]
+
+    world = jax.device_count()
+    tp = ktp.TensorParallelKeras(
+        candidate, world_size=world, tensor_parallel_size=2
+    )
+    tp.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    tp_losses = tp.fit(
+        x[mine], y[mine], epochs=3, batch_size=4, shuffle=False, verbose=0
+    ).history["loss"]
+    weights = tp.get_weights()
+    local = {d.id for d in jax.local_devices()}
+    shards = {
+        v.path: {
+            "index": sorted(repr(s.index) for s in v.value.addressable_shards),
+            "own_only": all(
+                s.device.id in local for s in v.value.addressable_shards
+            ),
+            "split": v.value.addressable_shards[0].data.shape != v.shape,
+        }
+        for v in tp.wrapped_model.variables
+    }
+    return {
+        "mesh": [tp.data_parallel_size, tp.tensor_parallel_size],
+        "ref_losses": [float(v) for v in ref_losses],
+        "tp_losses": [float(v) for v in tp_losses],
+        "half_loss": half,
+        "weight_rel": max(
+            float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+            for a, b in zip(weights, reference.get_weights())
+        ),
+        "shards": shards,
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_single_device(tmp_path):
+def _run_workers(tmp_path, mode: str) -> list[dict]:
+    """Start the workers of `mode`; each one's result."""
     port = _free_port()
     env = dict(os.environ)
     env.update(
@@ -118,7 +179,7 @@ def test_two_processes_match_single_device(tmp_path):
         procs.append(
             subprocess.Popen(
                 [sys.executable, __file__, str(port), str(pid)]
-                + [str(NUM_PROCESSES)],
+                + [str(NUM_PROCESSES), mode],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -137,7 +198,12 @@ def test_two_processes_match_single_device(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    return results
 
+
+@pytest.mark.slow
+def test_two_processes_match_single_device(tmp_path):
+    results = _run_workers(tmp_path, "tp")
     world = NUM_PROCESSES * DEVICES_PER_PROCESS
     for r in results:
         assert r["world"] == world
@@ -169,6 +235,32 @@ def test_two_processes_match_single_device(tmp_path):
     assert results[0]["tp_losses"] == results[1]["tp_losses"]
 
 
+def test_two_processes_data2_model2_match_one_device(tmp_path):
+    results = _run_workers(tmp_path, "dp")
+    for r in results:
+        assert r["mesh"] == [2, 2]
+        # Each process fed 4 of the 8 rows: the losses are the global
+        # batch's, as on one device.
+        for a, b in zip(r["tp_losses"], r["ref_losses"]):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), r
+        assert r["ref_losses"][-1] < r["ref_losses"][0]
+        assert abs(r["half_loss"] - r["tp_losses"][0]) > 1e-3, r
+        assert r["weight_rel"] <= 1e-4, r
+    split = 0
+    for path, s in results[0]["shards"].items():
+        other = results[1]["shards"][path]
+        # The model axis stays inside a process (its own two devices hold
+        # the two halves of a split variable); across processes the data
+        # axis: both hold the same halves.
+        assert s["own_only"] and other["own_only"], path
+        assert s["index"] == other["index"], path
+        if s["split"]:
+            split += 1
+            assert len(set(s["index"])) == 2, (path, s)
+    assert split >= 4  # every kernel is split over the model axis
+
+
 if __name__ == "__main__":
-    result = _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    worker = {"tp": _worker, "dp": _data_parallel_worker}[sys.argv[4]]
+    result = worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
     print(json.dumps(result))
