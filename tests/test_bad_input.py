@@ -83,8 +83,9 @@ def test_bad_arguments_leave_model_unchanged(kwargs, match):
         # "pytorch" means torch: under JAX that is the backend mismatch.
         ("pytorch", "distributed_backend='torch' does not match"),
         ("PyTorch", "distributed_backend='torch' does not match"),
-        ("tensorflow", "no TensorFlow engine yet"),
-        ("tf", "no TensorFlow engine yet"),
+        # "tf" means tensorflow: under JAX, the backend mismatch too.
+        ("tensorflow", "distributed_backend='tensorflow' does not match"),
+        ("tf", "distributed_backend='tensorflow' does not match"),
         ("nccl", "'nccl' needs GPUs.*no GPU"),
         ("horovod", "only averages gradients.*tensor_parallel_size"),
         ("fallback", "simulates devices.*not parallelism"),

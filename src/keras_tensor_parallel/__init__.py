@@ -34,7 +34,9 @@ def initialize(
     `timeout / 2` seconds (5 to 30); a main thread that stands still (a
     hang, or a collective waiting for one) ends the job by `timeout`,
     naming where each process stands. On torch the engine joins the
-    process group when wrapping; `timeout` bounds each collective.
+    process group when wrapping; `timeout` bounds each collective. On
+    TensorFlow it also joins the `TF_CONFIG` cluster now, before any
+    tensor exists, as TensorFlow requires.
 
     Args:
         job_addresses: the coordinator's `host:port` (JAX), or all
@@ -67,6 +69,10 @@ def initialize(
     else:
         # The engine reads it when it creates the process group.
         os.environ[processes.TIMEOUT_ENV] = f"{seconds:g}"
+    if keras.backend.backend() == "tensorflow":
+        from keras_tensor_parallel import backends
+
+        backends.join_launched_cluster()  # before any tensor exists
 
 
 def __getattr__(name):

@@ -14,7 +14,7 @@ from keras_tensor_parallel.backends import device_ids as device_ids_lib
 
 SUPPORTED_BACKENDS = backends.ENGINES
 # Names the first users wrote, with what each means here.
-ALIASES = {"pytorch": "torch"}
+ALIASES = {"pytorch": "torch", "tf": "tensorflow"}
 _NOT_PARALLELISM = {
     "horovod": (
         "Horovod only averages gradients across data-parallel replicas; it "
@@ -26,8 +26,9 @@ _NOT_PARALLELISM = {
         "a fallback that simulates devices in one process is not "
         "parallelism (every shard would share one device's memory). Use "
         "distributed_backend='auto'; to try N devices on a CPU machine, "
-        "start N processes with `keras-tp launch -n N script.py` (torch) "
-        "or set XLA_FLAGS=--xla_force_host_platform_device_count=N (JAX)"
+        "start N processes with `keras-tp launch -n N script.py` (torch, "
+        "TensorFlow) or set "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N (JAX)"
     ),
 }
 
@@ -42,8 +43,9 @@ def validate_backend(distributed_backend) -> str:
     """The engine to run on, from the name the user wrote.
 
     Accepts `"auto"`/`None` (the Keras backend in use), `"jax"`, `"torch"`
-    or `"pytorch"`, and `"nccl"` (the Keras backend's engine on GPUs, whose
-    collectives are NCCL). The engine must match the Keras backend.
+    or `"pytorch"`, `"tensorflow"` or `"tf"`, and `"nccl"` (the Keras
+    backend's engine on GPUs, whose collectives are NCCL). The engine must
+    match the Keras backend.
 
     Raises:
         ValueError: for names that are not an engine here, saying why and
@@ -68,12 +70,6 @@ def validate_backend(distributed_backend) -> str:
     name = ALIASES.get(raw.strip().lower(), raw.strip().lower())
     if name == "auto":
         return _matching(active, active, received)
-    if name in ("tensorflow", "tf"):
-        raise ValueError(
-            "There is no TensorFlow engine yet: Keras's own TensorFlow "
-            "distribution is a prototype and ours is not written. Run with "
-            f"KERAS_BACKEND=jax or torch. {received}"
-        )
     if name in _NOT_PARALLELISM:
         raise ValueError(
             f"distributed_backend={raw!r} is not supported: "
@@ -84,7 +80,7 @@ def validate_backend(distributed_backend) -> str:
     if name not in SUPPORTED_BACKENDS:
         raise ValueError(
             f"distributed_backend must be one of {SUPPORTED_BACKENDS}, "
-            f"'pytorch', 'nccl' or 'auto'. {received}"
+            f"'pytorch', 'tf', 'nccl' or 'auto'. {received}"
         )
     return _matching(name, active, received)
 

@@ -95,10 +95,10 @@ def _check_device_ids(device_ids, available: Sequence[str]) -> list[str]:
 
 
 def _too_few(world_size: int, available, backend: str) -> ValueError:
-    if backend == "torch":
+    if backend in ("torch", "tensorflow"):
         hint = (
-            "The torch engine runs one process per device: start them with "
-            f"`keras-tp launch -n {world_size} script.py`"
+            f"The {backend} engine runs one process per device: start "
+            f"them with `keras-tp launch -n {world_size} script.py`"
         )
     else:
         hint = (

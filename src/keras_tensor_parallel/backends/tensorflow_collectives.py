@@ -1,5 +1,5 @@
-"""TensorFlow collectives for a future TF engine: the cluster, Megatron's
-f and g, and a gather along the last dim with uneven shard sizes.
+"""TensorFlow collectives for the TF engine: the cluster, Megatron's f and
+g, gathers with uneven shard sizes, and agreeing on errors across ranks.
 
 Collectives run on TensorFlow's own runtime: `MultiWorkerMirroredStrategy`
 starts the gRPC server from `TF_CONFIG` (which `keras-tp launch` sets,
@@ -9,24 +9,40 @@ must issue the same collectives in the same order: instance keys come
 from one counter, taken when an op is created (once per trace inside a
 `tf.function`, whose later calls reuse them, as tf.distribute does).
 
-Only the collectives exist so far: the engine (splitting variables, the
-roles' forward, clipping, saving) is not written (issue 17).
+TensorFlow enables collective ops only before its first tensor exists, so
+the cluster is joined when the package's engines are imported under the
+launcher (`backends.join_launched_cluster`), before the user's model is
+built. Under Keras's symbolic shape inference (`compute_output_spec`)
+no collective is created: f and g are identities there and a gather
+only has to have the right shape.
 """
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 GROUP_KEY = 7001
+ERROR_BYTES = 1024  # of an error message exchanged by `first_error`
 _STATE: dict = {"strategy": None, "keys": itertools.count(1)}
+
+
+class ClusterTooLateError(ValueError):
+    """TensorFlow made a tensor before the cluster was joined."""
 
 
 def ensure_cluster() -> bool:
     """Join the cluster `TF_CONFIG` describes (once); False without one.
+
+    Raises:
+        ClusterTooLateError: when TensorFlow already ran an op (collective
+            ops can only be enabled at program start-up).
 
     Example:
 
@@ -38,8 +54,24 @@ def ensure_cluster() -> bool:
         return True
     if "TF_CONFIG" not in os.environ:
         return False
-    _STATE["strategy"] = tf.distribute.MultiWorkerMirroredStrategy()
+    _one_gpu_per_rank()
+    try:
+        _STATE["strategy"] = tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as e:
+        raise ClusterTooLateError(
+            "TensorFlow joins its multi-worker cluster only before its first "
+            "tensor exists: import keras_tensor_parallel (or call "
+            "keras_tensor_parallel.initialize()) before building the model. "
+            f"Received: {e}"
+        ) from e
     return True
+
+
+def _one_gpu_per_rank() -> None:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        local = int(os.environ.get("LOCAL_RANK", 0)) % len(gpus)
+        tf.config.set_visible_devices(gpus[local], "GPU")
 
 
 def _config() -> dict:
@@ -55,13 +87,22 @@ def world_size() -> int:
     return max(len(workers), 1)
 
 
+def device_kind() -> str:
+    return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+
+
 def _timeout() -> float:
     return float(os.environ.get("KERAS_TP_TIMEOUT", 120))
 
 
+def _hint() -> str:
+    # NCCL between GPUs, as MultiWorkerMirroredStrategy picks it.
+    return "nccl" if device_kind() == "gpu" else "auto"
+
+
 def all_reduce(x):
     """Sum of `x` over every rank."""
-    if world_size() == 1:
+    if world_size() == 1 or in_symbolic_scope():
         return tf.identity(x)
     return tf.raw_ops.CollectiveReduceV2(
         input=x,
@@ -71,6 +112,7 @@ def all_reduce(x):
         ordering_token=[],
         merge_op="Add",
         final_op="Id",
+        communication_hint=_hint(),
         timeout_seconds=_timeout(),
     )
 
@@ -79,24 +121,48 @@ def _all_gather_first(x):
     """Concatenation of every rank's `x` along dim 0 (equal shapes)."""
     if world_size() == 1:
         return tf.identity(x)
+    if in_symbolic_scope():
+        return tf.concat([x] * world_size(), 0)
     return tf.raw_ops.CollectiveGatherV2(
         input=x,
         group_size=world_size(),
         group_key=GROUP_KEY,
         instance_key=next(_STATE["keys"]),
         ordering_token=[],
+        communication_hint=_hint(),
         timeout_seconds=_timeout(),
     )
 
 
-def gather_last(x, sizes: list[int]):
-    """All-gather `x` along its last dim; rank i holds `sizes[i]` of it."""
+def gather_dim(local, dim: int, sizes: list[int]):
+    """All-gather `local` along `dim`; rank i holds `sizes[i]` of it."""
+    local = tf.convert_to_tensor(local)
+    dim = dim % len(local.shape)
     width = max(sizes)
-    pad = [[0, 0]] * (len(x.shape) - 1) + [[0, width - x.shape[-1]]]
-    moved = tf.experimental.numpy.moveaxis(tf.pad(x, pad), -1, 0)
+    pad = [[0, 0]] * len(local.shape)
+    pad[dim] = [0, width - local.shape[dim]]
+    moved = tf.experimental.numpy.moveaxis(tf.pad(local, pad), dim, 0)
     parts = tf.split(_all_gather_first(moved), len(sizes), axis=0)
     trimmed = [p[:n] for p, n in zip(parts, sizes)]
-    return tf.experimental.numpy.moveaxis(tf.concat(trimmed, 0), 0, -1)
+    return tf.experimental.numpy.moveaxis(tf.concat(trimmed, 0), 0, dim)
+
+
+def gather_last(x, sizes: list[int], index: int | None = None):
+    """All-gather `x` along its last dim; rank i holds `sizes[i]` of it.
+    Differentiable: backward keeps this rank's part (number `index`,
+    default this rank)."""
+    index = rank() if index is None else index
+    start = sum(sizes[:index])
+    stop = start + sizes[index]
+
+    @tf.custom_gradient
+    def gather(x):
+        def grad(dy):
+            return dy[..., start:stop]
+
+        return gather_dim(x, -1, list(sizes)), grad
+
+    return gather(x)
 
 
 @tf.custom_gradient
@@ -117,3 +183,48 @@ def g(x):
         return tf.identity(dy)
 
     return all_reduce(x), grad
+
+
+# Agreeing across ranks (eager) -----------------------------------------------
+
+
+def broadcast_seed() -> int:
+    """A random seed drawn on rank 0, the same on every rank."""
+    seed = np.random.randint(0, 2**31 - 1) if rank() == 0 else 0
+    return int(all_reduce(tf.constant(seed, tf.int64)).numpy())
+
+
+def first_error(error: BaseException | None) -> BaseException | None:
+    """The error of the first rank that failed, on every rank (a
+    collective), as `torch_collectives.first_error`: the messages travel
+    as bytes through one `CollectiveGatherV2`.
+
+    Returns None when no rank failed; this rank's own `error` when it
+    failed; else an error of the same built-in type (RuntimeError for
+    others) whose message names the failing rank and its message.
+    """
+    if world_size() == 1:
+        return error
+    text = "" if error is None else f"{type(error).__name__}:{error}"
+    data = text.encode("utf-8", "replace")[:ERROR_BYTES]
+    row = np.zeros((1, ERROR_BYTES + 1), "int32")
+    row[0, 0] = len(data) + (error is not None)
+    row[0, 1 : 1 + len(data)] = list(data)
+    every = _all_gather_first(tf.constant(row)).numpy()
+    for r, found in enumerate(every):
+        if found[0]:
+            message = bytes(found[1 : found[0]].astype("uint8"))
+            name, _, rest = message.decode("utf-8", "replace").partition(":")
+            return error or _same_kind(name, rest, rank=r)
+    return None
+
+
+def _same_kind(name: str, message: str, *, rank: int) -> BaseException:
+    cls = getattr(builtins, name, None)
+    text = f"rank {rank} failed: {name}: {message}"
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(text)
+        except Exception:  # noqa: BLE001 - a type that needs other args
+            pass
+    return RuntimeError(text)
