@@ -44,19 +44,23 @@ def _positional(variables) -> dict:
     return {f"{i:05d}": v for i, v in enumerate(variables)}
 
 
-def ensure_optimizer_built(tp) -> None:
+def ensure_optimizer_built(tp, *, prepare: bool = True) -> None:
     """Build a compiled model's optimizer (and metrics) so its slots exist
-    and follow the plan; a fresh model has none before its first step."""
+    and follow the plan; a fresh model has none before its first step.
+    `prepare=False` skips the engine's `prepare_state` (on torch it
+    reseeds every rank, which a save must not do to the run it saves)."""
     optimizer = getattr(tp, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         with tp.engine.scope():
             optimizer.build(tp.wrapped_model.trainable_variables)
-    tp.engine.prepare_state(tp)
+    if prepare:
+        tp.engine.prepare_state(tp)
 
 
-def state_variables(tp) -> dict[str, dict]:
-    """`{group: {key: variable}}` for a `TensorParallelKeras`."""
-    ensure_optimizer_built(tp)
+def state_variables(tp, *, prepare: bool = True) -> dict[str, dict]:
+    """`{group: {key: variable}}` for a `TensorParallelKeras`
+    (`prepare`: as for `ensure_optimizer_built`)."""
+    ensure_optimizer_built(tp, prepare=prepare)
     optimizer = getattr(tp, "optimizer", None)
     groups = {
         "model": model_keys(tp.wrapped_model),

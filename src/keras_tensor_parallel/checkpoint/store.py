@@ -30,10 +30,19 @@ _STEP = re.compile(r"^step_(\d{8})$")
 def _check_engine(tp) -> None:
     if tp.engine.name != "jax":
         raise ValueError(
-            "Sharded checkpoints are implemented for the JAX engine (Orbax); "
-            "the torch engine (torch.distributed.checkpoint) is not done "
-            f"yet. Received: engine {tp.engine.name!r}"
+            "Sharded checkpoints are implemented for the JAX engine (Orbax) "
+            "and the torch engine (torch.distributed.checkpoint). Received: "
+            f"engine {tp.engine.name!r}"
         )
+
+
+def _torch_store(tp):
+    """`store_torch` when `tp` runs on the torch engine, else None."""
+    if tp.engine.name != "torch":
+        return None
+    from keras_tensor_parallel.checkpoint import store_torch
+
+    return store_torch
 
 
 def complete_steps(directory) -> list[int]:
@@ -89,6 +98,8 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
     save(tp, "ckpt")   # ckpt/step_00000012 after 12 optimizer steps
     ```
     """
+    if _torch_store(tp) is not None:  # torch.distributed.checkpoint
+        return _torch_store(tp).save(tp, directory, keep=keep)
     _check_engine(tp)
     groups = state_lib.state_variables(tp)
     step = int(tp.optimizer.iterations.numpy()) if tp.optimizer else 0
@@ -166,6 +177,8 @@ def load(tp, directory) -> str:
     load(tp, "ckpt")
     ```
     """
+    if _torch_store(tp) is not None:  # torch.distributed.checkpoint
+        return _torch_store(tp).load(tp, directory)
     _check_engine(tp)
     path = latest(directory)
     meta = read_metadata(path)
