@@ -228,3 +228,59 @@ def test_odd_vocab_counts_real_parameters():
     assert tp.plan[table.path].padded_shape == (1002, 64)  # stored padded
     assert tp.count_params() == want
     assert np.asarray(table).shape == (1001, 64)
+    assert tuple(table.shape) == (1001, 64)  # the logical shape
+    with tp.engine.scope():  # Keras's stateless paths see the stored one
+        assert tuple(table.shape) == tuple(table.value.shape) == (1002, 64)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_odd_vocab_reports_logical_shape_and_runs_as_one_device(
+    world_size, tmp_path
+):
+    # Vocab 1001 is stored padded (1002 at N=2, 1004 at N=4) while every
+    # view a user has shows 1001, and training, inference, generation and
+    # saving still match one device.
+    from keras_tensor_parallel import catalogue
+
+    spec = catalogue.get("gpt2").tiny()
+    x = spec.inputs(batch=2, seq=8)
+    reference, candidate, _ = zoo.build_pair(
+        lambda: catalogue.causal_lm(spec.build())
+    )
+    tp = TensorParallelKeras(candidate, world_size=world_size)
+    table = tp.get_layer("token_embedding").embeddings
+    assert tuple(table.value.shape)[0] == -(-1001 // world_size) * world_size
+    stored = next(v for v in tp.weights if v.path == table.path)
+    for shape in (table.shape, stored.shape, table.numpy().shape):
+        assert tuple(shape) == (1001, 64)
+    assert np.array(table).shape == (1001, 64)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for m in (reference, tp):
+        m.compile(optimizer="adam", loss=loss, sampler="greedy")
+    y = x["token_ids"]
+    want = reference.fit(x, y, epochs=2, verbose=0).history["loss"]
+    got = tp.fit(x, y, epochs=2, verbose=0).history["loss"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert tuple(table.shape) == (1001, 64)  # still, after training
+    for r, t in zip(reference.get_weights(), tp.get_weights()):
+        assert r.shape == t.shape and max_abs_diff(r, t) <= rel_tol(r)
+    ref_loss = reference.evaluate(x, y, verbose=0)
+    ref_loss = ref_loss[0] if isinstance(ref_loss, list) else ref_loss
+    np.testing.assert_allclose(tp.evaluate(x, y, verbose=0), ref_loss, 1e-5)
+    expected = reference.predict(x, verbose=0)
+    out = tp.predict(x, verbose=0)
+    assert out.shape == expected.shape == (2, 8, 1001)
+    assert max_abs_diff(out, expected) <= rel_tol(expected)
+    prompt = dict(x, padding_mask=np.arange(8)[None, :].repeat(2, 0) < 4)
+    tokens = [
+        np.asarray(
+            m.generate(prompt, max_length=8, stop_token_ids=None)["token_ids"]
+        )
+        for m in (reference, tp)
+    ]
+    np.testing.assert_array_equal(tokens[1], tokens[0])
+    tp.save(tmp_path / "lm.keras")
+    loaded = keras.saving.load_model(tmp_path / "lm.keras")
+    emb = loaded.get_layer("token_embedding").embeddings
+    assert tuple(emb.shape) == (1001, 64)
+    assert max_abs_diff(loaded.predict(x, verbose=0), out) <= rel_tol(out)

@@ -1,12 +1,17 @@
 """JAX variables re-sharded in place, with an undo for each.
 
 A vocab table whose row count does not divide by the world size is stored
-padded (zero rows, never looked up) while `numpy()`, `assign()` and saving
-see its logical shape.
+padded (zero rows, never looked up) while `shape`, `numpy()`, `assign()`
+and saving see its logical shape. Inside `storage_shapes()` (the engine's
+scope: fit, evaluate, predict, generate, checkpoints) `shape` is the
+stored one, which Keras's stateless paths need: `StatelessScope` refuses
+a value whose shape differs from `variable.shape`, and an optimizer slot
+is created at its parameter's `shape` (it must match the gradient).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -17,10 +22,37 @@ from keras_tensor_parallel.backends.jax_distribution import layout
 # Padded variables ------------------------------------------------------------
 
 
+_STORAGE_DEPTH = [0]  # open `storage_shapes()` contexts, all threads
+
+
+@contextlib.contextmanager
+def storage_shapes():
+    """While open, padded variables report their stored (padded) `shape`.
+
+    Example:
+
+    ```python
+    with storage_shapes():
+        assert table.shape == table.value.shape  # (1002, 64), not 1001
+    ```
+    """
+    _STORAGE_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _STORAGE_DEPTH[0] -= 1
+
+
 class _PaddedMixin:
-    """Variable stored padded on one dim; numpy/assign use logical shape."""
+    """Variable stored padded on one dim; shape/numpy/assign are logical."""
 
     _tp_logical_shape: tuple
+
+    @property
+    def shape(self):
+        if _STORAGE_DEPTH[0]:
+            return self._shape
+        return self._tp_logical_shape
 
     def _tp_slices(self):
         return tuple(slice(0, n) for n in self._tp_logical_shape)
@@ -28,15 +60,16 @@ class _PaddedMixin:
     def numpy(self):
         return host_value(self.value)[self._tp_slices()]
 
-    def __array__(self, dtype=None):
+    def __array__(self, dtype=None, copy=None):
         out = host_value(self.value)[self._tp_slices()]
         return out.astype(dtype) if dtype is not None else out
 
     def assign(self, value):
         shape = tuple(getattr(value, "shape", np.shape(value)))
         if shape == tuple(self._tp_logical_shape):
-            value = pad_to(value, tuple(self.shape))
-        return super().assign(value)
+            value = pad_to(value, tuple(self._shape))
+        with storage_shapes():  # Keras checks the value against `shape`
+            return super().assign(value)
 
 
 _PADDED_CLASSES: dict[type, type] = {}
