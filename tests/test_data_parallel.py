@@ -60,10 +60,10 @@ def fit(model, x, y, loss):
     return np.asarray(history.history["loss"])
 
 
-def assert_fit_matches(build, x, y, loss, tp_size):
+def assert_fit_matches(build, x, y, loss, tp_size, **kwargs):
     single, parallel = twins(build)
     tp = TensorParallelKeras(
-        parallel, world_size=4, tensor_parallel_size=tp_size
+        parallel, world_size=4, tensor_parallel_size=tp_size, **kwargs
     )
     # Adam turns an exactly-zero gradient's rounding noise (attention key
     # biases) into full steps of random sign: those weights are left out,
@@ -382,4 +382,46 @@ def test_bad_auto_arguments(size, memory, rule):
             device_memory=memory,
         )
     assert "Received: " in str(info.value)
+    assert not getattr(model, "_tp_wrapped", False)
+
+
+# ZeRO stage 1: optimizer slots split over the data axis too -----------------
+
+
+def test_zero1_fit_matches_one_device_and_slots_are_split_over_all():
+    build, x, y, loss = mlp_case()
+    tp = assert_fit_matches(build, x, y, loss, 2, zero_stage=1)
+    # One replica's Adam state: two slots the size of every parameter,
+    # counted from the one-device model; each device holds 1/(2 x 2) of
+    # it (every seed-mlp variable divides by 4), plus the two scalars.
+    replica = sum(int(np.prod(w.shape)) * 4 for w in build().get_weights())
+    held = tp.engine.per_device_bytes(tp.optimizer.variables)
+    assert set(held.values()) == {2 * replica // 4 + 8}, held
+    # Read from the shards: a slot's shard is a quarter of it.
+    for v in tp.optimizer.variables:
+        if v.shape:
+            (shape,) = set(tp.engine.shard_shapes(v))
+            assert np.prod(shape) * 4 == np.prod(v.shape), (v.path, shape)
+    # Parameters are as without ZeRO: split over the model axis only.
+    params = tp.engine.per_device_bytes(tp.wrapped_model.variables)
+    assert set(params.values()) == {entry_param_bytes(tp)}
+    # The step: Megatron's all-reduces on the model axis; over the data
+    # axis the gradients are reduced and every device gathers its
+    # replica's updated parameters back (ZeRO's all-gather).
+    hlo = compile_steps(tp, x, y).train_hlo
+    gathered = 0
+    for c in collectives(hlo):
+        assert c.kind in ("all-reduce", "reduce-scatter", "all-gather"), c
+        gathered += c.bytes if c.kind == "all-gather" else 0
+    assert gathered == entry_param_bytes(tp)
+
+
+@pytest.mark.parametrize("value", [2, 3, -1, "1", True, 1.0])
+def test_bad_zero_stage(value):
+    model = catalogue.seed_mlp()
+    with pytest.raises(ValueError, match="zero_stage must be 0") as info:
+        TensorParallelKeras(
+            model, world_size=4, tensor_parallel_size=2, zero_stage=value
+        )
+    assert f"Received: zero_stage={value!r}" in str(info.value)
     assert not getattr(model, "_tp_wrapped", False)

@@ -10,6 +10,7 @@ import numpy as np
 from keras_tensor_parallel import backends
 from keras_tensor_parallel import devices as devices_lib
 from keras_tensor_parallel.backends import base
+from keras_tensor_parallel.backends import jax_zero as _zero
 from keras_tensor_parallel.loading import factory as loading_factory
 from keras_tensor_parallel.plan import ShardingPlan, plan_model
 from keras_tensor_parallel.plan.planner import check_built
@@ -47,6 +48,10 @@ class TensorParallelKeras(keras.Model):
             `keras_tensor_parallel.autosize`).
         device_memory: Bytes per device for `tensor_parallel_size="auto"`,
             an int or a string such as `"16GB"` or `"80GiB"`.
+        zero_stage: `1` splits optimizer slots over the data axis too
+            (ZeRO stage 1, JAX): each device keeps 1/(data x model) of a
+            replica's optimizer state; `0` (default) replicates them
+            over the data axis.
 
     Example:
 
@@ -71,9 +76,11 @@ class TensorParallelKeras(keras.Model):
         plan: ShardingPlan | None = None,
         tensor_parallel_size: int | str | None = None,
         device_memory: int | str | None = None,
+        zero_stage: int | None = None,
         **kwargs,
     ):
         backend = devices_lib.validate_backend(distributed_backend)
+        zero_stage = _zero.check_stage(zero_stage, backend)
         check_built(model)
         if getattr(model, "_tp_wrapped", False):
             raise ValueError(
@@ -86,13 +93,8 @@ class TensorParallelKeras(keras.Model):
             world_size=world_size, device_ids=device_ids, backend=backend
         )
         tp_size = devices_lib.tensor_parallel_size(
-            tensor_parallel_size,
-            ids,
-            backend,
-            model=model,
-            device_memory=device_memory,
-            overrides=overrides,
-        )
+            tensor_parallel_size, ids, backend, model=model,
+            device_memory=device_memory, overrides=overrides)  # fmt: skip
         if plan is None:
             # XLA slices unsplit operands that meet a split dim; the torch
             # engine runs the model's own code per rank and cannot.
@@ -112,6 +114,7 @@ class TensorParallelKeras(keras.Model):
         name = kwargs.pop("name", f"tensor_parallel_{model.name}")
         super().__init__(name=name, **kwargs)
         self._tp_wrap(model, engine, plan)
+        self._tp_zero_stage = zero_stage
         self.built = True
 
     def _tp_wrap(self, model, engine: base.Engine, plan: ShardingPlan):
@@ -217,6 +220,8 @@ class TensorParallelKeras(keras.Model):
         engine = self._tp_engine
         with engine.scope():
             engine.prepare_state(self)
+            if self._tp_zero_stage:
+                _zero.shard_optimizer_state(self)
             with engine.guard(self):
                 return method(*args, **kwargs)
 

@@ -89,6 +89,10 @@ def compile_steps(tp, x, y) -> CompiledSteps:
         tp.engine.prepare_state(tp)
         tp._symbolic_build(data_batch=(x, y, None))
         tp.engine.prepare_state(tp)
+        if getattr(tp, "_tp_zero_stage", 0):  # as `fit` lays slots out
+            from keras_tensor_parallel.backends import jax_zero
+
+            jax_zero.shard_optimizer_state(tp)
         state = tp._get_jax_state(
             trainable_variables=True,
             non_trainable_variables=True,
