@@ -312,6 +312,15 @@ def _retrack(model) -> None:
             layer._track_variables()
 
 
+_CHECKING = [0]  # `_check_runs` calls in progress
+
+
+def checking() -> bool:
+    """Whether the wrap's one-batch check forward is running (its
+    activations are not weights: memory measurements tell them apart)."""
+    return _CHECKING[0] > 0
+
+
 def _check_runs(model, checkpoint=_no_checkpoint) -> None:
     """One tiny forward pass on the local shards, so that a model whose own
     code cannot run split (say it reshapes a split tensor with the full head
@@ -324,8 +333,10 @@ def _check_runs(model, checkpoint=_no_checkpoint) -> None:
         lambda t: np.ones(t.shape, t.dtype), symbolic_inputs(model)
     )
     counts = dict(tc.COUNTS)  # the check is not part of the user's work
+    _CHECKING[0] += 1
     try:
-        model(inputs)
+        with torch.no_grad():  # forward only: keep no activations for grads
+            model(inputs)
     except Exception as e:  # noqa: BLE001 - reported as the user's error
         first = str(e).strip().splitlines()[0][:200] if str(e) else ""
         raise ValueError(
@@ -337,5 +348,6 @@ def _check_runs(model, checkpoint=_no_checkpoint) -> None:
             f"backend. Received: model={model.name!r}"
         ) from e
     finally:
+        _CHECKING[0] -= 1
         tc.COUNTS.update(counts)
     checkpoint()

@@ -19,6 +19,11 @@ import torch
 
 from keras_tensor_parallel.loading import observers
 
+# Keras's torch variables hold `Parameter`s; reads and slices are plain
+# tensors. Exact types: `isinstance` on every tracked object is slower and
+# trips deprecation shims.
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def rss_bytes() -> int:
     """The process's resident set size now."""
@@ -33,7 +38,7 @@ def new_tensor_bytes() -> int:
     seen: set = set()
     total = 0
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor) or obj.is_meta:
+        if type(obj) not in _TENSOR_TYPES or obj.is_meta:
             continue
         storage = obj.untyped_storage()
         key = storage.data_ptr()
@@ -44,12 +49,19 @@ def new_tensor_bytes() -> int:
 
 
 class PeakLocal:
-    """Samples this rank's new tensor bytes at every variable placed and
-    RSS in a background thread, between `__enter__` and `__exit__`.
+    """Samples this rank's new tensor bytes and RSS at every variable
+    placed and in a background thread (so a whole copy made outside the
+    placing, say by building then wrapping, is seen too), between
+    `__enter__` and `__exit__`.
 
     Attributes:
         peak, final: Tensor bytes created by the block (peak while it ran,
             still alive when it ended).
+        check_peak: Peak tensor bytes from the wrap's check forward on
+            (`TorchEngine` runs the model once on a 2 x 16 batch) until
+            the block ends and garbage is collected: the weights plus that
+            pass's activations, kept apart from `peak` because they do not
+            grow with the model.
         rss_baseline, rss_peak: RSS at the start and its peak (bytes).
 
     Example:
@@ -63,9 +75,11 @@ class PeakLocal:
 
     def __init__(self, *, interval_s: float = 0.002):
         self.interval_s = interval_s
-        self.peak = self.final = 0
+        self.peak = self.final = self.check_peak = 0
         self.rss_baseline = self.rss_peak = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._checked = False
         self._thread = None
 
     def __enter__(self):
@@ -84,18 +98,29 @@ class PeakLocal:
         # The wrap's check forward leaves activations to collect: they are
         # not held, and not part of the load.
         gc.collect()
-        self.sample()
+        self.sample(after_check=False)
         self.final = new_tensor_bytes()
         gc.unfreeze()
 
     def _run(self):
         while not self._stop.wait(self.interval_s):
-            self.rss_peak = max(self.rss_peak, rss_bytes())
+            self.sample()
 
-    def sample(self) -> None:
-        """Record the tensor bytes held now."""
-        self.peak = max(self.peak, new_tensor_bytes())
-        self.rss_peak = max(self.rss_peak, rss_bytes())
+    def sample(self, *, after_check: bool | None = None) -> None:
+        """Record the tensor bytes and RSS now. From the wrap's check
+        forward on, samples go to `check_peak` (its activations stay
+        until collected) unless `after_check=False`."""
+        from keras_tensor_parallel.backends.torch import checking
+
+        self._checked = self._checked or checking()
+        held, rss = new_tensor_bytes(), rss_bytes()
+        self._checked = self._checked or checking()
+        with self._lock:
+            if self._checked if after_check is None else after_check:
+                self.check_peak = max(self.check_peak, held)
+            else:
+                self.peak = max(self.peak, held)
+            self.rss_peak = max(self.rss_peak, rss)
 
     def ratio(self) -> float:
         """Peak tensor bytes over the bytes finally held."""
