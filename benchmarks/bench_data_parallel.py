@@ -10,6 +10,10 @@ groups read from the HLO): model-axis all-reduces (Megatron, per replica's
 share of the batch) and data-axis all-reduces (the gradient reduction).
 The 4 devices are simulated on the CPU, so step times only compare meshes
 with each other on this machine.
+
+`--zero` adds the (2x2) and (4x1) meshes with `zero_stage=1` (optimizer
+slots split over the data axis too). `--auto 1GB` prints the table behind
+`tensor_parallel_size="auto"` for that device memory instead.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _axis_bytes(hlo: str, data: int, model: int) -> dict:
     return out
 
 
-def run(model_name: str, data: int, model: int, args) -> dict:
+def run(model_name: str, data: int, model: int, args, zero: int = 0) -> dict:
     """One mesh: step time, bytes per device, collectives by axis."""
     import keras
     import numpy as np
@@ -66,7 +70,9 @@ def run(model_name: str, data: int, model: int, args) -> dict:
     ids = rng.randint(1, vocab, size=(args.batch, args.seq + 1))
     x = catalogue.lm_inputs(ids[:, :-1])
     y = ids[:, 1:].astype("int32")
-    tp = TensorParallelKeras(lm, world_size=4, tensor_parallel_size=model)
+    tp = TensorParallelKeras(
+        lm, world_size=4, tensor_parallel_size=model, zero_stage=zero
+    )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     tp.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
     hlo = compile_steps(tp, x, y).train_hlo
@@ -78,7 +84,7 @@ def run(model_name: str, data: int, model: int, args) -> dict:
         times.append(time.perf_counter() - start)
     per_device = tp.engine.per_device_bytes
     return {
-        "mesh": f"{data}x{model}",
+        "mesh": f"{data}x{model}" + (" ZeRO-1" if zero else ""),
         "step_s": statistics.median(times),
         "param_bytes": max(per_device(tp.wrapped_model.variables).values()),
         "optimizer_bytes": max(per_device(tp.optimizer.variables).values()),
@@ -91,8 +97,8 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| mesh (data x model) | step ms | ratio to 1x4 | params / device "
         "| optimizer / device | model-axis collectives | data-axis "
-        "collectives |",
-        "|---|---|---|---|---|---|---|",
+        "collectives | across both axes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         c = r["collectives"]
@@ -101,7 +107,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['step_s'] / base:.2f} | {r['param_bytes']:,} B "
             f"| {r['optimizer_bytes']:,} B "
             f"| {c['model'][0]} / {c['model'][1]:,} B "
-            f"| {c['data'][0]} / {c['data'][1]:,} B |"
+            f"| {c['data'][0]} / {c['data'][1]:,} B "
+            f"| {c['other'][0]} / {c['other'][1]:,} B |"
         )
     return "\n".join(lines)
 
@@ -112,10 +119,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--zero", action="store_true")
+    parser.add_argument("--auto", default=None, metavar="MEMORY")
     args = parser.parse_args()
     _env()
+    if args.auto:
+        auto_table(args)
+        return
     rows = [run(args.model, d, m, args) for d, m in MESHES]
+    if args.zero:
+        rows += [run(args.model, d, m, args, zero=1) for d, m in MESHES[1:]]
     print(table(rows))
+
+
+def auto_table(args) -> None:
+    """The choice `tensor_parallel_size="auto"` makes, and its figures."""
+    import keras
+    import numpy as np
+
+    from keras_tensor_parallel import autosize, catalogue
+    from keras_tensor_parallel.devices import resolve_devices
+
+    spec = catalogue.get(args.model)
+    keras.utils.set_random_seed(0)
+    lm = catalogue.lm_builder(spec)()
+    vocab = spec.tiny_config.get("vocabulary_size", spec.vocab)
+    if ":tiny" not in args.model:
+        vocab = spec.vocab
+    ids = np.random.RandomState(0).randint(1, vocab, (args.batch, args.seq + 1))
+    batch = (catalogue.lm_inputs(ids[:, :-1]), ids[:, 1:].astype("int32"))
+    devices = resolve_devices(world_size=4)
+    autosize.choose(lm, devices, args.auto, batch=batch)
 
 
 if __name__ == "__main__":

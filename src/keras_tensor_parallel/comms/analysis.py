@@ -4,6 +4,7 @@ and account every collective against the Megatron minimum."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from keras_tensor_parallel.comms.hlo import collectives as parse
 from keras_tensor_parallel.comms.hlo import replica_groups
@@ -119,14 +120,24 @@ def mesh_axis(groups: frozenset, data: int, model: int) -> str:
     return "mesh"
 
 
+def _groups(hlo: str, c) -> frozenset:
+    """The collective's device groups; a collective-permute (pairs, no
+    groups: seen under ZeRO-1 in a vocab-parallel lookup's gradient) as
+    one group of every device it names."""
+    if c.kind != "collective-permute":
+        return replica_groups(hlo, c.name)
+    line = re.search(rf"\n\s*(?:ROOT )?%?{re.escape(c.name)} = .*", hlo)[0]
+    pairs = re.search(r"source_target_pairs=\{(.*?)\}\}?", line)
+    ids = re.findall(r"\d+", pairs[1]) if pairs else []
+    return frozenset({frozenset(map(int, ids))})
+
+
 def _mesh_report(tp, compiled, batch_size: int, seq_len: int):
     data, model = tp.data_parallel_size, tp.tensor_parallel_size
     fields = _fields(tp.plan, compiled, batch_size, seq_len, data)
+    hlo = compiled.train_hlo
     axes = {
-        c.name: mesh_axis(
-            replica_groups(compiled.train_hlo, c.name), data, model
-        )
-        for c in fields["train"]
+        c.name: mesh_axis(_groups(hlo, c), data, model) for c in fields["train"]
     }
     paths = [v.path for v in tp.trainable_variables]
     return MeshCommsReport(
