@@ -89,6 +89,17 @@ gemma3 = _hub(
     intermediate_dim=64,
     **_LAYERS,
 )
+# 8 q / 2 kv heads at N=4: Gemma reshapes the queries into (kv, group).
+gemma3_kv2 = _hub(
+    "Gemma3Backbone",
+    image_size=None,
+    num_query_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    hidden_dim=32,
+    intermediate_dim=64,
+    **_LAYERS,
+)
 qwen3_kv2 = _hub(
     "Qwen3Backbone",
     num_query_heads=8,
@@ -135,6 +146,7 @@ ROWS = {
     "qwen3-moe-n2": Row(qwen3_moe, 2, r".*feedforward_gate_dense/kernel"),
     "own-weights": Row(own_weights_mlp, 4),
     "gemma3": Row(gemma3, 4),
+    "gemma3-kv2": Row(gemma3_kv2, 4),
     "qwen3-kv2": Row(qwen3_kv2, 4),
     "opt-12-heads": Row(opt_heads(12), 8),
     "opt-6-heads": Row(opt_heads(6), 4),

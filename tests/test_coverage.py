@@ -105,6 +105,7 @@ FIT = {
     "qwen3-moe": 2,
     "own-weights": 4,
     "qwen3-kv2": 4,
+    "gemma3-kv2": 4,
     "opt-6-heads": 4,
 }
 

@@ -176,8 +176,29 @@ class RegionGrower:
         copies = self._copies_in(region, node)
         for t, d in zip(node.outputs, outs):
             if d is not None:
-                shared = self._copies_out(t, d) if copies else 1
+                shared = 1
+                if copies or self._groups_heads(region, node, t, d):
+                    shared = self._copies_out(t, d)
                 self._set_split(region, t, d, shared)
+
+    def _groups_heads(self, region, node, t, d) -> bool:
+        """A reshape of split query heads into (kv heads, group) with
+        fewer kv heads than devices (Gemma's `btkgh` attention): the kv
+        dim's blocks are shared by the devices that split the group dim
+        after it, each reading its own kv head, so the split stays local
+        (XLA lays it out over the model axes; no engine that runs the
+        model's own code per rank could)."""
+        size = t.shape[d]
+        return (
+            self.slice_operands
+            and not region.pad
+            and node.type_name == "Reshape"
+            and size is not None
+            and size < self.n
+            and self.n % size == 0
+            and d + 1 < len(t.shape)
+            and (t.shape[d + 1] or 1) % (self.n // size) == 0
+        )
 
     def _copies_in(self, region, node) -> int:
         """Copies of the split inputs of `node` (0 if none is shared)."""
@@ -305,7 +326,11 @@ class RegionGrower:
         if proj is not None:
             self._recruit(region, proj, t, dim)
             return
-        if self.rules.get(id(node.op)) is not None or node.opaque_reason:
+        if node.opaque_reason:
+            return
+        # A layer with a rule is walked through only if a split passes it
+        # (a norm over another dim: Gemma's key norm over head_dim).
+        if self.rules.get(id(node.op)) is not None and not prop.known(node):
             return
         for i, src in enumerate(node.inputs):
             if id(src) in region.split:
