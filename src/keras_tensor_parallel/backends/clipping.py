@@ -58,6 +58,8 @@ def install_clipping(
         variables = current["variables"]
         if not variables or len(variables) != len(grads):
             return clip(grads)
+        if not (optimizer.clipnorm or optimizer.global_clipnorm):
+            return clip(grads)
         grads = [None if gr is None else dense(gr) for gr in grads]
         if optimizer.clipnorm and optimizer.clipnorm > 0:
             return [

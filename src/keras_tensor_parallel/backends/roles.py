@@ -24,6 +24,7 @@ tables an embedding has) comes from the planner's rules
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Any, Protocol
 
 import keras
@@ -276,11 +277,11 @@ class RowParallel(Style):
         equation = _einsum_form(layer, rule)
         kernel, bias = rule.kernel, rule.bias
         activation = getattr(layer, "activation", None)
-        g = self.comm.g
+        g, features = self.comm.g, len(rule.input_spec)
 
         def call(inputs, *args, **kwargs):
             shard.region.close()
-            x = g(keras.ops.einsum(equation, inputs, kernel))
+            x = g(_project(equation, features, inputs, kernel))
             if bias is not None:
                 x = keras.ops.add(x, bias)
             if activation is not None:
@@ -308,8 +309,22 @@ def _einsum_form(layer, rule) -> str:
             f"({type(layer).__name__}): its rule is not an einsum "
             "projection. Received: a kernel split on its input dim"
         )
-    # Rules align specs to the right: leading (batch) dims pass through.
-    return f"...{rule.input_spec},{rule.kernel_spec}->...{rule.output_spec}"
+    # Rules align specs to the right: the leading (batch) dims pass
+    # through, flattened into one label by `_project`.
+    used = rule.input_spec + rule.kernel_spec + rule.output_spec
+    row = next(c for c in string.ascii_letters if c not in used)
+    return f"{row}{rule.input_spec},{rule.kernel_spec}->{row}{rule.output_spec}"
+
+
+def _project(equation: str, features: int, x, kernel):
+    """The row projection with x's leading dims flattened into one:
+    TensorFlow's einsum gradient for a `...` equation builds the kernel
+    gradient per row before summing (a (batch, seq, in, out) tensor: 4 s
+    per step for a 2-layer OPT at hidden 256)."""
+    shape = keras.ops.shape(x)
+    lead, feat = shape[: len(shape) - features], shape[len(shape) - features :]
+    out = keras.ops.einsum(equation, keras.ops.reshape(x, (-1, *feat)), kernel)
+    return keras.ops.reshape(out, (*lead, *keras.ops.shape(out)[1:]))
 
 
 class VocabParallel(Style):

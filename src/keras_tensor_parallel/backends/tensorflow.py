@@ -162,7 +162,7 @@ class TensorflowEngine:
 
     def prepare_state(self, tp_model) -> None:
         """Same seed on every rank (same batches, same dropout); clipping
-        with full norms; no XLA."""
+        with full norms; optimizer slots built; no XLA."""
         if self.plan.world_size == 1:
             return
         if getattr(tp_model, "jit_compile", False):
@@ -174,6 +174,11 @@ class TensorflowEngine:
         optimizer = getattr(tp_model, "optimizer", None)
         if optimizer is not None:
             clipping.install_clipping(optimizer, tc.all_reduce, _dense)
+            if not optimizer.built:
+                # Slots from the local shards, made now: Keras would make
+                # them inside the first `tf.function` trace, which
+                # TensorFlow then traces twice (collectives included).
+                optimizer.build(tp_model.trainable_variables)
 
     def place_state(self, variables: Iterable) -> None:
         """Nothing to place: slots are made from the local shards."""

@@ -31,6 +31,20 @@ from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 GROUP_KEY = 7001
 ERROR_BYTES = 1024  # of an error message exchanged by `first_error`
 _STATE: dict = {"strategy": None, "keys": itertools.count(1)}
+# Collective ops created by f, g and the vocab gather: inside a
+# `tf.function` once per trace (a traced step's count is the step's
+# collectives), eagerly once per call. For accounting in tests.
+COUNTS = {"forward": 0, "backward": 0, "gather": 0}
+
+
+def reset_counts() -> None:
+    for key in COUNTS:
+        COUNTS[key] = 0
+
+
+def _count(key: str) -> None:
+    if world_size() > 1 and not in_symbolic_scope():
+        COUNTS[key] += 1
 
 
 class ClusterTooLateError(ValueError):
@@ -160,6 +174,7 @@ def gather_last(x, sizes: list[int], index: int | None = None):
         def grad(dy):
             return dy[..., start:stop]
 
+        _count("gather")
         return gather_dim(x, -1, list(sizes)), grad
 
     return gather(x)
@@ -170,6 +185,7 @@ def f(x):
     """Megatron's f: identity forward, all-reduce of the gradient."""
 
     def grad(dy):
+        _count("backward")
         return all_reduce(dy)
 
     return tf.identity(x), grad
@@ -182,6 +198,7 @@ def g(x):
     def grad(dy):
         return tf.identity(dy)
 
+    _count("forward")
     return all_reduce(x), grad
 
 
