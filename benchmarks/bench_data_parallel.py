@@ -47,7 +47,9 @@ def _axis_bytes(hlo: str, data: int, model: int) -> dict:
     }
     out = {"model": [0, 0], "data": [0, 0], "other": [0, 0]}
     for c in collectives(hlo):
-        found = replica_groups(hlo, c.name)
+        found = None
+        if c.kind != "collective-permute":  # pairs, not groups
+            found = replica_groups(hlo, c.name)
         axis = next((a for a, g in groups.items() if g == found), "other")
         out[axis][0] += 1
         out[axis][1] += c.bytes
