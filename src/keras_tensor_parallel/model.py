@@ -52,6 +52,13 @@ class TensorParallelKeras(keras.Model):
             (ZeRO stage 1, JAX): each device keeps 1/(data x model) of a
             replica's optimizer state; `0` (default) replicates them
             over the data axis.
+        sequence_parallel: Split the activations between tensor-parallel
+            regions (norms, dropout, residual adds) along the sequence
+            (Megatron-SP, JAX): same math and ring traffic, less
+            activation memory per device.
+        recompute: `"attention"` recomputes the attention core (scores,
+            softmax, probabilities x values) in backward instead of
+            keeping it (JAX); `None` keeps everything.
 
     Example:
 
@@ -77,9 +84,12 @@ class TensorParallelKeras(keras.Model):
         tensor_parallel_size: int | str | None = None,
         device_memory: int | str | None = None,
         zero_stage: int | None = None,
+        sequence_parallel: bool = False,
+        recompute: str | None = None,
         **kwargs,
     ):
         backend = devices_lib.validate_backend(distributed_backend)
+        _check_activations(sequence_parallel, recompute, backend)
         zero_stage = _zero.check_stage(zero_stage, backend)
         check_built(model)
         if getattr(model, "_tp_wrapped", False):
@@ -111,6 +121,10 @@ class TensorParallelKeras(keras.Model):
                 f"world size {plan.world_size}"
             )
         engine = backends.make_engine(backend, plan, ids)
+        if sequence_parallel or recompute:
+            engine.set_activations(
+                sequence_parallel=sequence_parallel, recompute=recompute
+            )
         name = kwargs.pop("name", f"tensor_parallel_{model.name}")
         super().__init__(name=name, **kwargs)
         self._tp_wrap(model, engine, plan)
@@ -374,4 +388,27 @@ def _check_plan(plan) -> None:
             "plan must be a ShardingPlan (from `plan_model` or "
             "`ShardingPlan.from_json`) or None to plan automatically. "
             f"Received: plan={plan!r:.80}"
+        )
+
+
+RECOMPUTE = (None, "attention")
+
+
+def _check_activations(sequence_parallel, recompute, backend: str) -> None:
+    if not isinstance(sequence_parallel, bool):
+        raise ValueError(
+            "sequence_parallel must be True or False. Received: "
+            f"sequence_parallel={sequence_parallel!r:.80}"
+        )
+    if recompute not in RECOMPUTE:
+        raise ValueError(
+            f"recompute must be one of {RECOMPUTE}. Received: "
+            f"recompute={recompute!r:.80}"
+        )
+    if (sequence_parallel or recompute) and backend != "jax":
+        raise ValueError(
+            "sequence_parallel and recompute run on the JAX engine only "
+            "for now: use KERAS_BACKEND=jax, or leave them off. Received: "
+            f"sequence_parallel={sequence_parallel}, recompute={recompute!r}"
+            f" on backend {backend!r}"
         )

@@ -256,6 +256,15 @@ class JaxEngine:
         self.rank = jax.process_index()
         self._journal = base.Journal()
         self._params: list = []
+        self.sequence_parallel = False
+        self.recompute: str | None = None
+
+    def set_activations(self, *, sequence_parallel: bool, recompute) -> None:
+        """Before `apply`: split the activations between regions along
+        the sequence, and/or recompute the attention core in backward
+        (see `backends/jax_sequence.py`)."""
+        self.sequence_parallel = sequence_parallel
+        self.recompute = recompute
 
     @property
     def is_main(self) -> bool:
@@ -276,6 +285,10 @@ class JaxEngine:
 
             jax_fusion.install(model, self.plan, journal=journal)
             install_replicated_grads(model, self.plan, self.mesh, journal)
+            if self.sequence_parallel or self.recompute:
+                from keras_tensor_parallel.backends import jax_sequence
+
+                jax_sequence.install_activations(self, model, journal)
             checkpoint()
             self._params = list(model.variables)
             # A model compiled and trained before wrapping already has

@@ -61,6 +61,7 @@ class Collective:
         name: The HLO instruction name.
         from_parameter: Whether the operand traces back, through layout-only
             ops, to an argument of the compiled step (a variable).
+        group_size: Devices in each of its replica groups (0: not read).
     """
 
     kind: str
@@ -71,6 +72,28 @@ class Collective:
     operand_shapes: tuple[tuple[int, ...], ...] = ()
     name: str = ""
     from_parameter: bool = False
+    group_size: int = 0
+
+    @property
+    def ring_bytes(self) -> float:
+        """Bytes each device sends for this collective on a ring of
+        `group_size` devices: an all-reduce 2(n-1)/n of the full tensor,
+        an all-gather, reduce-scatter or all-to-all (n-1)/n, a
+        collective-permute its payload. One scale for plain tensor
+        parallelism (all-reduces) and sequence parallelism (a
+        reduce-scatter and an all-gather per all-reduce).
+
+        Example:
+
+        ```python
+        sum(c.ring_bytes for c in collectives(text))
+        ```
+        """
+        n = self.group_size
+        if self.kind == "collective-permute" or n == 0:
+            return float(self.bytes)
+        share = 2 * (n - 1) / n if self.kind == "all-reduce" else (n - 1) / n
+        return self.bytes * share
 
 
 @dataclasses.dataclass
@@ -194,9 +217,21 @@ def collectives(hlo_text: str) -> list[Collective]:
                 from_parameter=any(
                     _traces_to_parameter(instrs, a) for a in instr.args
                 ),
+                group_size=_group_size(instr),
             )
         )
     return out
+
+
+def _group_size(instr: _Instr) -> int:
+    """Devices per replica group, 0 where the spelling is not one
+    `replica_groups` reads (a collective-permute has pairs instead)."""
+    if "replica_groups=" not in instr.line or "replica_groups={}" in (
+        instr.line
+    ):
+        return 0
+    groups = replica_groups("\n" + instr.line, instr.name)
+    return max(len(g) for g in groups)
 
 
 def replica_groups(hlo_text: str, name: str) -> frozenset:
