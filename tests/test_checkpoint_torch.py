@@ -219,6 +219,24 @@ def one_process(folder: str) -> None:
         json.dump(res, f)
 
 
+def four_ranks(folder: str) -> None:
+    """4 ranks restore the 2-rank checkpoint (1001 rows: 251, 250, 250,
+    250 each) and train on."""
+    import torch.distributed as dist
+
+    from keras_tensor_parallel.backends import torch_collectives as tc
+
+    tc.ensure_process_group()
+    tp = _make(7, 0.0)
+    res = {
+        "loaded": tp.load_checkpoint(os.path.join(folder, "cross")),
+        "rows": int(tp.wrapped_model.layers[0].embeddings.value.shape[0]),
+        "losses": _fit(tp, slice(12, 24)),
+    }
+    with open(os.path.join(folder, f"result.four.{dist.get_rank()}"), "w") as f:
+        json.dump(res, f)
+
+
 # Tests (the pytest process, JAX) ------------------------------------------
 
 
@@ -290,6 +308,24 @@ def test_restore_at_another_world_size(runs):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.torch
+def test_restore_at_four_ranks(runs):
+    # 4 processes on this 2-core machine: slow, so not in the default run.
+    from ranks import launch
+
+    folder, ranks, _ = runs
+    proc = launch(HERE, str(folder), "four", backend="torch", n=4, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in range(4):
+        res = json.loads((folder / f"result.four.{r}").read_text())
+        assert res["loaded"] == ranks[0]["cross"]["path"]
+        assert res["rows"] == (251 if r == 0 else 250), res
+        np.testing.assert_allclose(
+            res["losses"], ranks[0]["cross"]["losses"], rtol=1e-5, atol=0
+        )
+
+
 @pytest.mark.torch
 def test_a_killed_save_leaves_the_previous_step(runs):
     _, _, one = runs
@@ -323,5 +359,7 @@ def test_bad_checkpoints_are_refused_and_change_nothing(runs):
 if __name__ == "__main__":
     if sys.argv[2:] == ["single"]:
         one_process(sys.argv[1])
+    elif sys.argv[2:] == ["four"]:
+        four_ranks(sys.argv[1])
     else:
         worker(*sys.argv[1:])
