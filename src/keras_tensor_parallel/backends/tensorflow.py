@@ -11,7 +11,7 @@ and gathers from `tensorflow_roles.py` / `tensorflow_collectives.py`).
 
 The ranks form a `TF_CONFIG` cluster (gRPC on 127.0.0.1 under
 `keras-tp launch`), joined before the model is built (see
-`tensorflow_collectives`). Every rank must see the same batch:
+`tensorflow_collectives`). Every rank must see the same batch: the first
 `prepare_state` agrees on a seed and seeds Keras with it, and only rank 0
 prints. Split variables read as full arrays (`numpy()`, `get_weights()`,
 saving all-gather them; every rank must take part) and accept full arrays
@@ -92,6 +92,7 @@ class TensorflowEngine:
         self._shard = roles.Shard(self.rank, plan.world_size, roles.Region())
         self._journal = base.Journal()
         self._split: list = []
+        self._seeded = False
 
     @property
     def is_main(self) -> bool:
@@ -170,7 +171,13 @@ class TensorflowEngine:
                 "The TensorFlow engine runs its collectives outside XLA: "
                 "compile with jit_compile=False. Received: jit_compile=True"
             )
-        keras.utils.set_random_seed(tc.broadcast_seed())
+        if not self._seeded:
+            # Once: setting TensorFlow's seed clears its kernel caches, so
+            # every later step would rebuild its graph's kernels (3 s a
+            # step for a small OPT). The ranks then run the same program
+            # and draw the same numbers.
+            keras.utils.set_random_seed(tc.broadcast_seed())
+            self._seeded = True
         optimizer = getattr(tp_model, "optimizer", None)
         if optimizer is not None:
             clipping.install_clipping(optimizer, tc.all_reduce, _dense)

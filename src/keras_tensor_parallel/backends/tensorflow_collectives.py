@@ -114,6 +114,18 @@ def _hint() -> str:
     return "nccl" if device_kind() == "gpu" else "auto"
 
 
+def _ordering_token() -> list:
+    """One resource every collective reads, as tf.distribute's launcher
+    does: inside a `tf.function` automatic control dependencies then run
+    the collectives in the order they were made, the same on every rank
+    (unordered, ranks start them in different orders and wait on each
+    other)."""
+    if _STATE.get("token") is None:
+        with tf.init_scope():
+            _STATE["token"] = tf.Variable(0.0, trainable=False)
+    return [_STATE["token"].handle]
+
+
 def all_reduce(x):
     """Sum of `x` over every rank."""
     if world_size() == 1 or in_symbolic_scope():
@@ -123,7 +135,7 @@ def all_reduce(x):
         group_size=world_size(),
         group_key=GROUP_KEY,
         instance_key=next(_STATE["keys"]),
-        ordering_token=[],
+        ordering_token=_ordering_token(),
         merge_op="Add",
         final_op="Id",
         communication_hint=_hint(),
@@ -142,7 +154,7 @@ def _all_gather_first(x):
         group_size=world_size(),
         group_key=GROUP_KEY,
         instance_key=next(_STATE["keys"]),
-        ordering_token=[],
+        ordering_token=_ordering_token(),
         communication_hint=_hint(),
         timeout_seconds=_timeout(),
     )
