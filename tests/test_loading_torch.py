@@ -151,6 +151,28 @@ def _backbone_case(path) -> dict:
     return {"rel": rel, "vocab": [list(e.shape) for e in vocab]}
 
 
+def _hf_case(path) -> dict:
+    """A Hugging Face directory (safetensors) KerasHub converts; Gemma's
+    single kv head cannot split on torch, so attention is replicated."""
+    import keras_hub
+    import torch
+
+    from keras_tensor_parallel import TensorParallelKeras, catalogue
+
+    tp, out = _memory_case(
+        lambda: TensorParallelKeras.from_preset(
+            path, world_size=2, overrides={".*attention.*": "replicated"}
+        )
+    )
+    single = keras_hub.models.Backbone.from_preset(path)
+    x = catalogue.get("gemma-small").tiny().inputs(batch=2, seq=8)
+    with torch.no_grad():
+        out["rel"] = _rel(_np(tp(x)), _np(single(x)))
+    out["split"] = [e.path for e in tp.plan if e.is_split]
+    out["bad_shapes"] = _shapes_ok(tp)
+    return out
+
+
 def _build_case(weights) -> dict:
     import keras
     import torch
@@ -231,6 +253,7 @@ def worker(folder: str) -> None:
         "lm": _lm_case(join("opt_lm")),
         "wrap": _wrap_case(join("opt_lm")),
         "backbone": _backbone_case(join("gpt2")),
+        "hf": _hf_case(join("hf_gemma")),
         "h5": _build_case(join("attention.weights.h5")),
         "keras": _build_case(join("attention.keras")),
         "init": _init_case(),
@@ -253,6 +276,9 @@ def _write_inputs(folder) -> None:
     lm.save_to_preset(str(folder / "opt_lm"))
     keras.utils.set_random_seed(2)  # vocab 1001: split unevenly (501, 500)
     catalogue.get("gpt2").tiny().build().save_to_preset(str(folder / "gpt2"))
+    keras.utils.set_random_seed(0)
+    gemma = catalogue.get("gemma-small").tiny()
+    gemma.build().export_to_transformers(str(folder / "hf_gemma"))
     keras.utils.set_random_seed(5)
     model = catalogue.seed_attention()
     model.save(str(folder / "attention.keras"))
@@ -327,6 +353,17 @@ def test_odd_vocab_and_builders_match_one_device(ranks):
         for case in ("h5", "keras"):
             assert not res[case]["bad_shapes"], res[case]
             assert res[case]["rel"] <= 1e-5, (case, res[case])
+
+
+@pytest.mark.torch
+def test_hugging_face_directory_loads_into_local_shards(ranks):
+    results, _, _ = ranks
+    for res in results:
+        hf = res["hf"]
+        assert "token_embedding/embeddings" in hf["split"], hf
+        assert not hf["bad_shapes"], hf
+        assert hf["rel"] <= 1e-5, hf
+        assert hf["ratio"] <= 1.05, hf
 
 
 @pytest.mark.torch
