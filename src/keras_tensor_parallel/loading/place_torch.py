@@ -9,7 +9,9 @@ corrected so the shard has the full shape's variance, and every random
 initializer gets a seed that differs per rank (shards of one seed would be
 copies of each other). An initializer whose values depend on the whole
 shape in another way (orthogonal, identity, a plain function) runs at the
-full shape on the host and only the local rows are kept.
+full shape on the host and only the local rows are kept: on a CPU rank
+that one variable is then held whole for a moment (a known exception to
+"never whole", for initializers that cannot be drawn by shard).
 """
 
 from __future__ import annotations
