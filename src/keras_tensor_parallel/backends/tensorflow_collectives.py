@@ -74,9 +74,9 @@ def ensure_cluster() -> bool:
     except RuntimeError as e:
         raise ClusterTooLateError(
             "TensorFlow joins its multi-worker cluster only before its first "
-            "tensor exists: import keras_tensor_parallel (or call "
-            "keras_tensor_parallel.initialize()) before building the model. "
-            f"Received: {e}"
+            "tensor exists: run `from keras_tensor_parallel import "
+            "TensorParallelKeras` (or `keras_tensor_parallel.initialize()`) "
+            f"before building the model. Received: {e}"
         ) from e
     return True
 
