@@ -12,7 +12,7 @@ import re
 import sys
 import time
 
-from keras_tensor_parallel import cli_mesh
+from keras_tensor_parallel import cli_mesh, cli_sequence
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -190,6 +190,7 @@ def _add_train(t) -> None:
 def _add_comms(c) -> None:
     _common(c)
     cli_mesh.add_tp_size(c)
+    cli_sequence.add_flags(c)
     c.add_argument("--batch-size", type=_positive, default=2)
     c.add_argument("--seq-len", type=_positive, default=32)
     c.add_argument("--format", choices=("table", "json"), default="table")
@@ -393,7 +394,7 @@ def _run_comms(args) -> int:
     _check_devices(args.world_size)
     cli_mesh.check_mesh(args)
     keras.utils.set_random_seed(args.seed)
-    model = spec.build()
+    model = cli_sequence.wrap(spec.build(), args)
     if args.generate:
         from keras_tensor_parallel.comms.decode import analyze_model
 

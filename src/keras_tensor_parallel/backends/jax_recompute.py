@@ -142,13 +142,15 @@ def install(model, journal) -> int:
 # Measuring ------------------------------------------------------------------
 
 
-def compile_train_step(model, x, y):
+def compile_train_step(model, x, y, *, with_args: bool = False):
     """Keras's train step of `model` (compiled by the user) on `(x, y)`,
     jitted as `fit` jits it (donated state, the state's shardings; see
     `comms/steps.py`), and compiled: a `jax.stages.Compiled`, whose
     `memory_analysis().temp_size_in_bytes` is the activation and
     workspace memory per device and `as_text()` its HLO. `model` is a
-    `TensorParallelKeras` or a plain Keras model (one device).
+    `TensorParallelKeras` or a plain Keras model (one device). With
+    `with_args`, `(compiled, state, data)`: `compiled(state, data)` runs
+    one step and returns `(logs, state)` (the state is donated).
 
     Example:
 
@@ -177,4 +179,6 @@ def compile_train_step(model, x, y):
             donate_argnums=0,
             out_shardings=(None, model._get_state_sharding_spec()),
         )
-        return train.lower(state, _distribute_data((x, y, None))).compile()
+        data = _distribute_data((x, y, None))
+        compiled = train.lower(state, data).compile()
+    return (compiled, state, data) if with_args else compiled

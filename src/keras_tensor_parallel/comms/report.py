@@ -80,6 +80,20 @@ class CommsReport:
         return sum(c.bytes for c in self.forward)
 
     @property
+    def train_ring_bytes(self) -> float:
+        """Bytes each device sends in the train step on a ring: all-reduce
+        2(N-1)/N, all-gather and reduce-scatter (N-1)/N of the full
+        tensor (`Collective.ring_bytes`). Plain tensor parallelism and
+        sequence parallelism compare on this scale."""
+        return sum(c.ring_bytes for c in self.train)
+
+    @property
+    def minimum_ring_bytes(self) -> float:
+        """The Megatron minimum's all-reduces on the same scale."""
+        n = self.plan.world_size
+        return self.minimum.train_bytes * 2 * (n - 1) / n
+
+    @property
     def train_count(self) -> int:
         """Collectives counted per array (XLA may combine several in one
         tuple-shaped op; each array is one Megatron reduction)."""
@@ -119,6 +133,7 @@ class CommsReport:
                         for d, s in zip(c.dtypes, c.shapes)
                     ),
                     "bytes": c.bytes,
+                    "ring_bytes": c.ring_bytes,
                     "layer": layer_of(c.op_name, paths),
                     "backward": "transpose(" in c.op_name,
                     "weight_gather": id(c) in weight,
@@ -131,7 +146,11 @@ class CommsReport:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "collectives": list(self._rows()),
-            "train": {"count": self.train_count, "bytes": self.train_bytes},
+            "train": {
+                "count": self.train_count,
+                "bytes": self.train_bytes,
+                "ring_bytes": self.train_ring_bytes,
+            },
             "forward": {
                 "count": sum(len(c.shapes) for c in self.forward),
                 "bytes": self.forward_bytes,
@@ -141,6 +160,7 @@ class CommsReport:
                 "bytes": self.minimum.train_bytes,
                 "forward_count": self.minimum.forward_count,
                 "forward_bytes": self.minimum.forward_bytes,
+                "ring_bytes": self.minimum_ring_bytes,
             },
             "ratio_bytes": self.ratio_bytes,
             "ratio_count": self.ratio_count,
@@ -150,13 +170,14 @@ class CommsReport:
 
     def table(self) -> str:
         """Fixed-width text: one line per collective, then the totals."""
-        header = ("step", "kind", "shape", "bytes", "layer", "")
+        header = ("step", "kind", "shape", "bytes", "ring", "layer", "")
         rows = [
             (
                 r["step"] + (" bwd" if r["backward"] else ""),
                 r["kind"],
                 r["shape"],
                 format_bytes(r["bytes"]),
+                format_bytes(r["ring_bytes"]),
                 r["layer"],
                 "WEIGHT ALL-GATHER" if r["weight_gather"] else "",
             )
@@ -178,6 +199,10 @@ class CommsReport:
             f"{m.train_count}, {format_bytes(m.train_bytes)}",
             f"ratio actual/minimum: bytes {self.ratio_bytes:.2f}x, "
             f"count {self.ratio_count:.2f}x",
+            f"ring traffic per device: {format_bytes(self.train_ring_bytes)};"
+            f" Megatron minimum {format_bytes(self.minimum_ring_bytes)} "
+            "(all-reduce 2(N-1)/N, all-gather and reduce-scatter (N-1)/N "
+            "of the full tensor)",
             f"weight all-gathers: {len(self.weight_gathers)}"
             + (
                 "  (NOT tensor-parallel at those layers)"
