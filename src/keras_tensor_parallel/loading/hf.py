@@ -4,14 +4,18 @@ KerasHub's converter for each architecture maps every Keras variable to a
 safetensors key and a transform (transpose, reshape): it calls
 `loader.port_weight(variable, key, hook_fn)`. Here the converter runs
 against a loader that only *records* those calls; the values are read
-later, one variable at a time: the tensor is read to the host, transformed
-there, and each device receives only its slice of it. No device holds a
-whole split variable; the host holds one at a time.
+later, one variable at a time. A tensor the converter takes unchanged (no
+hook: token tables, most norms) is read slice by slice from the file; one
+it transforms is read to the host whole, transformed there, and each
+device receives only its slice of it. No device holds a whole split
+variable; the host holds at most one transformed tensor at a time.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import safetensors
+from keras_hub.src.utils.preset_utils import SAFETENSOR_FILE, get_file
 from keras_hub.src.utils.transformers.safetensor_utils import (
     SafetensorLoader,
 )
@@ -26,6 +30,30 @@ class _Recorder(SafetensorLoader):
 
     def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
         self.ports[id(keras_variable)] = (hf_weight_key, hook_fn)
+
+    def read_slice(self, hf_weight_key, index, shape):
+        """Only the rows `index` of a stored tensor (safetensors reads
+        slices), or None when it is not stored at `shape` (or cannot be
+        sliced, as numpy has no bfloat16): the caller then converts the
+        whole tensor. As `get_tensor`, which finds the file the same way."""
+        if self.safetensor_config is None:
+            fname = self.fname if self.fname is not None else SAFETENSOR_FILE
+        else:
+            weight_map = self.safetensor_config["weight_map"]
+            fname = weight_map[self.get_prefixed_key(hf_weight_key, weight_map)]
+        if fname not in self.safetensor_files:
+            path = get_file(self.preset, fname)
+            self.safetensor_files[fname] = self.enter_context(
+                safetensors.safe_open(path, framework="np")
+            )
+        file = self.safetensor_files[fname]
+        part = file.get_slice(self.get_prefixed_key(hf_weight_key, file))
+        if tuple(part.get_shape()) != tuple(shape):
+            return None
+        try:
+            return np.asarray(part[tuple(index)])
+        except (TypeError, ValueError):
+            return None
 
 
 class HFWeights:
@@ -97,6 +125,15 @@ class HFWeights:
         return self._current[1]
 
     def read(self, name: int, index=()) -> np.ndarray:
+        """The rows `index` of a variable's converted value: read as a
+        slice of the file when the converter stores it unchanged, else
+        converted whole on the host (kept until `done`) and sliced."""
+        key, hook = self._loader.ports[name]
+        if hook is None and index and self._current[0] != name:
+            shape = self._vars[name].shape
+            part = self._loader.read_slice(key, index, shape)
+            if part is not None:
+                return part
         return self._value(name)[index]
 
     def done(self) -> None:
