@@ -110,8 +110,11 @@ def _timeout() -> float:
 
 
 def _hint() -> str:
-    # NCCL between GPUs, as MultiWorkerMirroredStrategy picks it.
-    return "nccl" if device_kind() == "gpu" else "auto"
+    # NCCL between GPUs, as MultiWorkerMirroredStrategy picks it (asked
+    # once: eager collectives are made at every call).
+    if _STATE.get("hint") is None:
+        _STATE["hint"] = "nccl" if device_kind() == "gpu" else "auto"
+    return _STATE["hint"]
 
 
 def _ordering_token() -> list:
