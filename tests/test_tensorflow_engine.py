@@ -196,6 +196,15 @@ def clip(out_dir: str) -> None:
             "weights": _rel_all(tp.get_weights(), ref.get_weights()),
             "clipped": _rel(ref_losses, plain),  # the clip changes training
         }
+    # Both ranks write to the launcher's stdout; only rank 0 may print.
+    kw = dict(epochs=2, batch_size=len(y), shuffle=False)
+    ref.fit(x, y, verbose=0, **kw)
+    tp.fit(x, y, verbose=1, **kw)
+    # predict and evaluate run Keras's own traced functions on the shards.
+    res["predict"] = _rel(tp.predict(x, verbose=0), ref.predict(x, verbose=0))
+    res["evaluate"] = _rel(
+        tp.evaluate(x, y, verbose=0), ref.evaluate(x, y, verbose=0)
+    )
     _write(out_dir, "clip", tp.engine.rank, res)
 
 
@@ -289,12 +298,16 @@ def test_parity_with_single_process(run, name):
 
 
 @pytest.mark.torch
-def test_clipping_uses_full_norms(run):
+def test_clipping_uses_full_norms_and_rank0_prints(run):
     for res in _results(run, "clip"):
         for key in ("clipnorm", "global_clipnorm"):
             assert res[key]["clipped"] > 1e-3, res
             assert res[key]["losses"] <= 1e-5, res
             assert res[key]["weights"] <= 1e-5, res
+        assert res["predict"] <= 1e-5 and res["evaluate"] <= 1e-5, res
+    stdout = run[0].stdout
+    assert stdout.count("Epoch 1/2") == 1, stdout[-2000:]
+    assert stdout.count("Epoch 2/2") == 1, stdout[-2000:]
 
 
 @pytest.mark.torch
