@@ -195,6 +195,7 @@ def one_process(folder: str) -> None:
     join = lambda name: os.path.join(folder, name)  # noqa: E731
     tp = _make(7, 0.0)
     loaded = tp.load_checkpoint(join("cross"))
+    np.savez(join("restored.npz"), *tp.get_weights())
     losses = _fit(tp, slice(12, 24))
     first = tp.save_checkpoint(join("killed"))
     weights = tp.get_weights()
@@ -338,6 +339,23 @@ def test_a_killed_save_leaves_the_previous_step(runs):
     ], one
     assert any(".tmp-" in n for n in one["left"]), one  # the killed save
     assert one["latest"] == one["first"] and one["restored"], one
+
+
+@pytest.mark.torch
+def test_export_writes_one_keras_file(runs, tmp_path):
+    # Here under JAX: the file loads without this library or torch's ranks.
+    import keras
+
+    from keras_tensor_parallel import checkpoint
+
+    folder, ranks, _ = runs
+    out = str(tmp_path / "model.keras")
+    assert checkpoint.export(folder / "cross", out) == ranks[0]["cross"]["path"]
+    model = keras.saving.load_model(out)
+    with np.load(folder / "restored.npz") as restored:
+        want = [restored[f"arr_{i}"] for i in range(len(restored.files))]
+    got = model.get_weights()
+    assert len(got) == len(want) and _same(got, want)
 
 
 @pytest.mark.torch

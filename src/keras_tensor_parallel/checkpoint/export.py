@@ -54,12 +54,9 @@ def export(checkpoint, out) -> str:
         raise ValueError(
             f"The export target must be a .keras file. Received: out={out!r}"
         )
-    path = store.latest(checkpoint)
-    meta = store.read_metadata(path)
+    path, meta, values = _read(checkpoint)
     model = _rebuild(meta.get("model_config"), path)
     saved = meta["fingerprint"]["variables"]["model"]
-    storage = meta["storage"]["model"]
-    values = store.load_partial(path, _one_device(storage, saved))["model"]
     by_key = state_lib.model_keys(model)
     missing = sorted(set(saved) - set(by_key))
     if missing:
@@ -74,6 +71,24 @@ def export(checkpoint, out) -> str:
     model.save(tmp)
     os.replace(tmp, out)
     return path
+
+
+def _read(checkpoint) -> tuple[str, dict, dict]:
+    """`(path, metadata, model values)` of the newest complete checkpoint:
+    Orbax (JAX engine) or torch.distributed.checkpoint (torch engine)."""
+    from keras_tensor_parallel.checkpoint import store_torch
+
+    if store_torch.is_complete(checkpoint) or store_torch.complete_steps(
+        checkpoint
+    ):
+        path = store_torch.latest(checkpoint)
+        return (path, *store_torch.model_values(path))
+    path = store.latest(checkpoint)
+    meta = store.read_metadata(path)
+    saved = meta["fingerprint"]["variables"]["model"]
+    storage = meta["storage"]["model"]
+    values = store.load_partial(path, _one_device(storage, saved))["model"]
+    return path, meta, values
 
 
 def _one_device(storage: dict, saved: dict) -> dict:

@@ -323,3 +323,18 @@ def load(tp, directory) -> str:
                 v.assign(value)
     torch.set_rng_state(state[TORCH_RNG])
     return path
+
+
+def model_values(path: str) -> tuple[dict, dict]:
+    """`(metadata, {key: full value as numpy})` of the model variables of
+    checkpoint `path`, read whole in this one process (for export: DCP
+    joins every rank's rows)."""
+    meta = read_metadata(path)
+    saved = meta["fingerprint"]["variables"]["model"]
+    state = {
+        f"model/{key}": torch.empty(shape, dtype=getattr(torch, dtype))
+        for key, (shape, dtype, _) in saved.items()
+    }
+    with _quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return meta, {key: state[f"model/{key}"].numpy() for key in saved}
