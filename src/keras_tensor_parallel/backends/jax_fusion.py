@@ -219,7 +219,9 @@ def install(model, plan: ShardingPlan, *, journal=None) -> int:
         group = _Group(layers, splits, plan.world_size, copies)
         for layer in layers:
             _wrap(layer, group, journal)
-    return len(groups)
+    from keras_tensor_parallel.backends import jax_fusion_ops
+
+    return len(groups) + jax_fusion_ops.install(model, plan, journal=journal)
 
 
 def uninstall(model) -> int:
