@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -249,6 +250,37 @@ def rollback(out_dir: str) -> None:
     _write(out_dir, "rollback", tc.rank(), res)
 
 
+def plain(out_dir: str) -> None:
+    """A plain `python` process (no launcher): world size 1, nothing
+    split; then, with a `TF_CONFIG` but a model built already, wrapping
+    names what to do (TensorFlow joins a cluster only before its first
+    tensor)."""
+    from keras_tensor_parallel import TensorParallelKeras, catalogue
+
+    spec = catalogue.get("seed-mlp")
+    model = spec.build()
+    x = spec.inputs(batch=2)
+    want = np.asarray(model(x))
+    tp = TensorParallelKeras(model)
+    res = {"engine": tp.engine.name, "devices": tp.device_ids}
+    res["forward"] = _rel(tp(x), want)
+    res["split"] = sum(  # variables not at their full shape
+        tuple(v.value.shape) != e.shape
+        for v, e in zip(model.variables, tp.plan.variables)
+    )
+    workers = ["127.0.0.1:1", "127.0.0.1:2"]  # never reached
+    task = {"type": "worker", "index": 0}
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": workers}, "task": task}
+    )
+    try:
+        TensorParallelKeras(spec.build(), world_size=2)
+        res["late"] = ""
+    except ValueError as e:
+        res["late"] = str(e)
+    _write(out_dir, "plain", 0, res)
+
+
 def worker(out_dir: str) -> None:
     """Runs in every rank (KERAS_BACKEND=tensorflow)."""
     import tensorflow as tf
@@ -269,13 +301,28 @@ def run(tmp_path_factory):
     from ranks import launch
 
     out = tmp_path_factory.mktemp("tf_engine")
-    proc = launch(HERE, str(out), backend="tensorflow", timeout=TIMEOUT)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", OMP_NUM_THREADS="1")
+    env.pop("XLA_FLAGS", None)
+    env.pop("TF_CONFIG", None)
+    alone = subprocess.Popen(
+        [sys.executable, HERE, "plain", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        proc = launch(HERE, str(out), backend="tensorflow", timeout=TIMEOUT)
+        _, alone_err = alone.communicate(timeout=TIMEOUT)
+    finally:
+        alone.kill()
+    assert alone.returncode == 0, alone_err[-4000:]
     return proc, out
 
 
-def _results(run, name: str) -> list[dict]:
+def _results(run, name: str, ranks=(0, 1)) -> list[dict]:
     proc, out = run
-    paths = [out / f"{name}.{r}.json" for r in (0, 1)]
+    paths = [out / f"{name}.{r}.json" for r in ranks]
     assert all(p.exists() for p in paths), proc.stderr[-4000:]
     return [json.loads(p.read_text()) for p in paths]
 
@@ -327,5 +374,17 @@ def test_a_failing_rank_ends_the_run_with_its_error(run):
     assert proc.stderr.count("RuntimeError: rank 1 fails on purpose") <= 2
 
 
+@pytest.mark.torch
+def test_a_plain_process_runs_at_world_size_one(run):
+    res = _results(run, "plain", ranks=(0,))[0]
+    assert res["engine"] == "tensorflow" and res["devices"] == ["cpu:0"], res
+    assert res["split"] == 0 and res["forward"] == 0.0, res
+    assert "only before its first tensor" in res["late"], res
+    assert "from keras_tensor_parallel import" in res["late"], res
+
+
 if __name__ == "__main__":
-    worker(*sys.argv[1:])
+    if sys.argv[1] == "plain":
+        plain(sys.argv[2])
+    else:
+        worker(*sys.argv[1:])
