@@ -154,7 +154,7 @@ def tensor_parallel_size(
     overrides: dict | None = None,
 ) -> int:
     """The model-axis size: `size` (default all of `ids`), a positive
-    divisor of `len(ids)`; data parallelism only on the JAX engine.
+    divisor of `len(ids)`; data parallelism on the JAX and torch engines.
 
     `size="auto"` with `device_memory` (bytes, or a string like `"16GB"`)
     measures `model`'s train step at each divisor, smallest first, and
@@ -181,10 +181,11 @@ def tensor_parallel_size(
             f"tensor_parallel_size must divide world_size ({len(ids)}). "
             f"Received: tensor_parallel_size={size}"
         )
-    if size != len(ids) and backend != "jax":
+    if size != len(ids) and backend not in ("jax", "torch"):
         raise ValueError(
             "Data parallelism (tensor_parallel_size < world_size) runs on "
-            f"the JAX engine only. Received: tensor_parallel_size={size} "
+            f"the JAX and torch engines only. Received: "
+            f"tensor_parallel_size={size} "
             f"with world_size={len(ids)} on the {backend} engine"
         )
     return size

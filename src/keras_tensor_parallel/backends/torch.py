@@ -10,7 +10,11 @@ style object per Megatron role; `torch_collectives.py`: f, g, gathers).
 
 Every rank must see the same batch: `prepare_state` broadcasts a seed from
 rank 0 and seeds Keras with it (same shuffling, same dropout), and only
-rank 0 prints progress. Split variables read as full arrays (`numpy()`,
+rank 0 prints progress. With `tensor_parallel_size` below the world size
+the ranks form a `(data, model)` mesh (`torch_groups.py`): the plan runs
+on each rank's model-axis group, and each replica trains on its rows of
+the global batch with gradients averaged over its data-axis group.
+Split variables read as full arrays (`numpy()`,
 `get_weights()`, saving all-gather them; every rank must take part) and
 accept full arrays in `assign()`. At world size 1 (a plain `python`
 process) nothing is split and no collective runs.
@@ -34,6 +38,7 @@ import torch.distributed as dist
 
 from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.backends import torch_collectives as tc
+from keras_tensor_parallel.backends import torch_groups as tg
 from keras_tensor_parallel.backends import torch_roles as roles
 from keras_tensor_parallel.backends.torch_clipping import install_clipping
 from keras_tensor_parallel.backends.torch_collectives import (  # noqa: F401
@@ -63,8 +68,8 @@ class TorchEngine:
     Implements `backends.base.Engine`.
 
     Args:
-        plan: The sharding plan; `plan.world_size` must equal the number of
-            ranks.
+        plan: The sharding plan; `plan.world_size` is the model axis (a
+            divisor of the number of ranks; the rest is data parallel).
         device_ids: One id per rank (`available_devices()`).
 
     Example:
@@ -81,17 +86,26 @@ class TorchEngine:
 
     def __init__(self, plan: ShardingPlan, device_ids: list[str]):
         tc.ensure_process_group()
-        if tc.world_size() != plan.world_size:
+        world = len(device_ids)
+        if tc.world_size() != world:
             raise ValueError(
                 f"The torch engine runs one process per device: start "
-                f"{plan.world_size} processes with `keras-tp launch -n "
-                f"{plan.world_size} script.py`. Received: world_size="
-                f"{plan.world_size} in {tc.world_size()} process(es)"
+                f"{world} processes with `keras-tp launch -n "
+                f"{world} script.py`. Received: world_size="
+                f"{world} in {tc.world_size()} process(es)"
             )
         self.plan = plan
         self.device_ids = list(device_ids)
         self.rank = tc.rank()
-        self._shard = roles.Shard(self.rank, plan.world_size, roles.Region())
+        # (data, model) groups only when there is a data axis: otherwise
+        # the plan runs on the default group, as before.
+        self.groups = None
+        model_rank, group = self.rank, None
+        if plan.world_size != world:
+            self.groups = tg.new_mesh_groups(plan.world_size)
+            model_rank, group = self.groups.model_rank, self.groups.model_group
+        self._styles = roles.styles_for(group)
+        self._shard = roles.Shard(model_rank, plan.world_size, roles.Region())
         self._journal = base.Journal()
         self._split: list = []
 
@@ -118,7 +132,7 @@ class TorchEngine:
         if failed is not None:
             self._journal.undo()
             for v, entry, full in reversed(saved):
-                roles.style_for(entry.role).undo(v, full)
+                roles.style_for(entry.role, self._styles).undo(v, full)
             _retrack(model)
             raise failed
         self._split = [
@@ -136,7 +150,8 @@ class TorchEngine:
                 # The full value is kept until the wrap succeeds, so a
                 # failure on any rank rolls back without a collective.
                 saved.append((v, entry, v.value.detach().clone()))
-                roles.style_for(entry.role).partition(v, entry, self._shard)
+                style = roles.style_for(entry.role, self._styles)
+                style.partition(v, entry, self._shard)
         layers = {
             layer.path: layer
             for layer in model._flatten_layers(include_self=True)
@@ -144,7 +159,7 @@ class TorchEngine:
         for path, entries in self._split_layers().items():
             if path not in layers:
                 raise ValueError(f"Plan names unknown layer {path!r}.")
-            style = roles.layer_style(entries)
+            style = roles.layer_style(entries, self._styles)
             style.install(layers[path], self._shard, self._journal)
         _retrack(model)
 
@@ -158,7 +173,8 @@ class TorchEngine:
     def unapply(self, model) -> None:
         """Undo `apply` (a collective: every rank calls it)."""
         for v, entry in reversed(self._split):
-            roles.style_for(entry.role).undo(v, roles.full_value(v))
+            style = roles.style_for(entry.role, self._styles)
+            style.undo(v, roles.full_value(v))
         self._split = []
         self._journal.undo()
         _retrack(model)
@@ -174,15 +190,19 @@ class TorchEngine:
 
     def prepare_state(self, tp_model) -> None:
         """Same seed on every rank (same batches, same dropout); clipping
-        with full norms."""
-        if self.plan.world_size == 1:
+        with full norms over the model axis; with a data axis, each
+        replica's rows of the batch and the data-axis gradient mean."""
+        if len(self.device_ids) == 1:
             return
         seed = torch.randint(0, 2**31 - 1, (1,))
         dist.broadcast(seed, src=0)
         keras.utils.set_random_seed(int(seed))
+        groups = self.groups
         optimizer = getattr(tp_model, "optimizer", None)
         if optimizer is not None:
-            install_clipping(optimizer)
+            install_clipping(optimizer, groups and groups.model_group)
+        if groups is not None:
+            tg.install_data_parallel(tp_model, groups)
 
     def place_state(self, variables: Iterable) -> None:
         """Nothing to place: slots are made from the local shards."""

@@ -3,7 +3,9 @@ and gathers along a dim with uneven shard sizes.
 
 `f` and `g` are our own autograd functions:
 `torch.distributed.nn.functional.all_reduce` all-reduces in backward too
-and would double the gradients.
+and would double the gradients. Each collective takes an optional `group`
+(a `ProcessGroup`; None: the default group, every rank): with data
+parallelism the engine passes its model-axis group (`torch_groups.py`).
 """
 
 from __future__ import annotations
@@ -86,37 +88,38 @@ class _F(torch.autograd.Function):
     """Identity forward, all-reduce of the gradient backward."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group):
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         _count("backward")
-        dist.all_reduce(grad)
-        return grad
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class _G(torch.autograd.Function):
     """All-reduce forward, identity backward."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group):
         out = x.contiguous().clone()
         _count("forward")
-        dist.all_reduce(out)
+        dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 class _GatherLast(torch.autograd.Function):
     """All-gather along the last dim (uneven sizes); backward: local slice."""
 
     @staticmethod
-    def forward(ctx, x, sizes, index):
+    def forward(ctx, x, sizes, index, group):
         ctx.start = sum(sizes[:index])
         ctx.stop = ctx.start + sizes[index]
         width = max(sizes)
@@ -124,27 +127,27 @@ class _GatherLast(torch.autograd.Function):
         padded = torch.nn.functional.pad(x.contiguous(), (0, pad))
         parts = [torch.empty_like(padded) for _ in sizes]
         _count("gather")
-        dist.all_gather(parts, padded)
+        dist.all_gather(parts, padded, group=group)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[..., ctx.start : ctx.stop].contiguous(), None, None
+        return grad[..., ctx.start : ctx.stop].contiguous(), None, None, None
 
 
-def f(x):
+def f(x, group=None):
     """Megatron's f: enter a parallel region (identity forward)."""
-    return x if _symbolic(x) else _F.apply(x)
+    return x if _symbolic(x) else _F.apply(x, group)
 
 
-def g(x):
+def g(x, group=None):
     """Megatron's g: leave a parallel region (all-reduce forward)."""
-    return x if _symbolic(x) else _G.apply(x)
+    return x if _symbolic(x) else _G.apply(x, group)
 
 
-def gather_last(x, sizes: list[int], index: int):
+def gather_last(x, sizes: list[int], index: int, group=None):
     """All-gather `x` along its last dim; this rank's part is `index`."""
-    return _GatherLast.apply(x, list(sizes), index)
+    return _GatherLast.apply(x, list(sizes), index, group)
 
 
 # Shard arithmetic ------------------------------------------------------------
@@ -155,8 +158,9 @@ def shard_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def gather_dim(local, dim: int, sizes: list[int]):
-    """All-gather `local` along `dim` from every rank (uneven sizes)."""
+def gather_dim(local, dim: int, sizes: list[int], group=None):
+    """All-gather `local` along `dim` from every rank of `group` (uneven
+    sizes)."""
     local = torch.as_tensor(local).contiguous()
     width = max(sizes)
     shape = list(local.shape)
@@ -164,7 +168,7 @@ def gather_dim(local, dim: int, sizes: list[int]):
     padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
     padded.narrow(dim, 0, local.shape[dim]).copy_(local)
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=group)
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
 

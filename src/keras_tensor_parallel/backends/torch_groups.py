@@ -7,8 +7,14 @@ is `T` adjacent ranks (the fast links) and each data-axis group takes one
 rank from every replica. Every rank creates every group, in the same
 order (`torch.distributed.new_group` requires it).
 
-The torch engine (`backends/torch.py`) does not use these yet; see
-`install_gradient_reduction` for the one hook it needs for the data axis.
+The torch engine (`backends/torch.py`) creates them when
+`tensor_parallel_size` is below the world size, runs its Megatron
+collectives on the model group, and calls `install_data_parallel` on the
+wrapper: every rank is fed the same global batch (same seed, same
+shuffle) and each train/test step keeps its replica's rows, the loss is
+the global batch's (one scalar all-reduce over the data group), and the
+gradients are averaged over the data group before the optimizer applies
+them. `COUNTS` counts the data-axis all-reduces.
 """
 
 from __future__ import annotations
@@ -16,6 +22,15 @@ from __future__ import annotations
 import dataclasses
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb=25
+
+# Data-axis all-reduces made (eager): gradient buckets and their bytes,
+# and the loss scalars (one per train/test step).
+COUNTS = {"gradient": 0, "gradient_bytes": 0, "loss": 0}
+
+
+def reset_counts() -> None:
+    for key in COUNTS:
+        COUNTS[key] = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +159,8 @@ def reduce_gradients(
         parts = [present[i] for i in bucket]
         flat = _flatten_dense_tensors(parts)
         dist.all_reduce(flat, group=group)
+        COUNTS["gradient"] += 1
+        COUNTS["gradient_bytes"] += flat.numel() * flat.element_size()
         flat /= size
         for part, reduced in zip(parts, _unflatten_dense_tensors(flat, parts)):
             part.copy_(reduced)
@@ -180,3 +197,87 @@ def install_gradient_reduction(
         return original(grads, trainable_variables)
 
     optimizer.apply = apply
+
+
+def replica_rows(batch: int, data: int, data_rank: int) -> tuple[int, int]:
+    """`(start, stop)`: replica `data_rank`'s rows of a global batch of
+    `batch` rows split over `data` replicas (the first ones one larger).
+
+    Raises:
+        ValueError: when the batch has fewer rows than replicas.
+
+    Example:
+
+    ```python
+    replica_rows(12, 2, 1)  # (6, 12)
+    ```
+    """
+    if batch < data:
+        raise ValueError(
+            f"A batch must have at least one row per data-parallel replica "
+            f"({data}). Received: a batch of {batch} row(s)"
+        )
+    sizes = [
+        batch // data + (1 if i < batch % data else 0) for i in range(data)
+    ]
+    start = sum(sizes[:data_rank])
+    return start, start + sizes[data_rank]
+
+
+def install_data_parallel(
+    model, groups: MeshGroups, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> None:
+    """Make `model`'s train and test steps data parallel over
+    `groups.data_group`: each keeps its replica's rows of the global batch
+    it is fed, the loss it reports (and differentiates) is the global
+    batch's, and gradients are averaged over the data group before its
+    optimizer applies them (`install_gradient_reduction`, once per
+    optimizer). Predict steps run the whole batch on every replica.
+    Other compiled metrics are the replica's own.
+
+    Example:
+
+    ```python
+    install_data_parallel(tp, groups)  # tp compiled; on every rank
+    ```
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not hasattr(optimizer, "tp_reductions"):
+        install_gradient_reduction(
+            optimizer, groups.data_group, bucket_bytes=bucket_bytes
+        )
+    if model.__dict__.get("_tp_data_groups") is groups:
+        return
+    share = {"scale": 1.0}
+    train, test, loss = model.train_step, model.test_step, model._compute_loss
+
+    def keep_rows(data):
+        import keras
+
+        first = next(t for t in keras.tree.flatten(data) if t is not None)
+        batch = int(first.shape[0])
+        start, stop = replica_rows(batch, groups.data, groups.data_rank)
+        share["scale"] = (stop - start) * groups.data / batch
+        return keras.tree.map_structure(
+            lambda t: None if t is None else t[start:stop], data
+        )
+
+    def compute_loss(*args, **kwargs):
+        return _data_mean(loss(*args, **kwargs) * share["scale"], groups)
+
+    model.__dict__["train_step"] = lambda data: train(keep_rows(data))
+    model.__dict__["test_step"] = lambda data: test(keep_rows(data))
+    model.__dict__["_compute_loss"] = compute_loss
+    model.__dict__["_tp_data_groups"] = groups
+
+
+def _data_mean(local, groups: MeshGroups):
+    """The data group's mean of `local` (a scalar) in forward, `local`'s
+    own gradient in backward (the gradients are averaged afterwards)."""
+    import torch.distributed as dist
+
+    total = local.detach().clone()
+    dist.all_reduce(total, group=groups.data_group)
+    COUNTS["loss"] += 1
+    total /= groups.data
+    return local + (total - local.detach())

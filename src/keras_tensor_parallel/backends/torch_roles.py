@@ -27,12 +27,23 @@ from keras_tensor_parallel.plan import Role
 
 
 class TorchCollectives:
-    """`roles.Collectives` on the default torch process group."""
+    """`roles.Collectives` on one torch process group (`group`; None: the
+    default group): with data parallelism, the model-axis group."""
 
-    f = staticmethod(tc.f)
-    g = staticmethod(tc.g)
-    gather_last = staticmethod(tc.gather_last)
-    gather_dim = staticmethod(tc.gather_dim)
+    def __init__(self, group=None):
+        self.group = group
+
+    def f(self, x):
+        return tc.f(x, self.group)
+
+    def g(self, x):
+        return tc.g(x, self.group)
+
+    def gather_last(self, x, sizes: list[int], index: int):
+        return tc.gather_last(x, sizes, index, self.group)
+
+    def gather_dim(self, local, dim: int, sizes: list[int]):
+        return tc.gather_dim(local, dim, sizes, self.group)
 
     @staticmethod
     def is_tensor(x) -> bool:
@@ -53,6 +64,19 @@ class TorchCollectives:
 
 COLLECTIVES = TorchCollectives()
 STYLES: dict[Role, Style] = roles.make_styles(COLLECTIVES)
+# Styles per model-axis group, kept alive with their group (split
+# variable classes are keyed by their Collectives object).
+_GROUP_STYLES: dict[int, tuple] = {}
+
+
+def styles_for(group=None) -> dict[Role, Style]:
+    """The styles running on `group` (None: the default group)."""
+    if group is None:
+        return STYLES
+    if id(group) not in _GROUP_STYLES:
+        comm = TorchCollectives(group)
+        _GROUP_STYLES[id(group)] = (group, roles.make_styles(comm))
+    return _GROUP_STYLES[id(group)][1]
 
 
 def split_variable(variable, dim: int, rank: int, size: int) -> None:
@@ -60,11 +84,11 @@ def split_variable(variable, dim: int, rank: int, size: int) -> None:
     roles.split_variable(variable, dim, rank, size, COLLECTIVES)
 
 
-def style_for(role: Role | str) -> Style:
-    """The style object of a role."""
-    return STYLES[Role(role)]
+def style_for(role: Role | str, styles=None) -> Style:
+    """The style object of a role (of `styles`, default the world's)."""
+    return (styles or STYLES)[Role(role)]
 
 
-def layer_style(entries) -> Style:
+def layer_style(entries, styles=None) -> Style:
     """The style that runs a layer, from its variables' plan entries."""
-    return roles.layer_style(entries, STYLES)
+    return roles.layer_style(entries, styles or STYLES)
