@@ -5,7 +5,9 @@ distributed_backend="torch")` under one launch of 4 gloo ranks on
 127.0.0.1 (hard timeout): the Megatron plan runs on each rank's model-axis
 group (ranks {0, 1} and {2, 3}), each replica trains on its half of the
 global batch, and gradients are averaged over the data-axis group ({0, 2},
-{1, 3}). Every rank also trains a one-process copy of the same weights on
+{1, 3}). A third case runs the MLP as data=4 x model=1 on a batch of 6
+rows (shares 2, 2, 1, 1: the loss and gradients weighted by share). Every
+rank also trains a one-process copy of the same weights on
 the whole batch and compares.
 """
 
@@ -21,6 +23,13 @@ import pytest
 HERE = os.path.abspath(__file__)
 TIMEOUT = 240
 STEPS = 3
+CASES = ("mlp", "opt", "mlp_dp4")
+MESH = {  # per case, for ranks 0..3: (model group, data group)
+    "mlp": [([0, 1], [0, 2]), ([0, 1], [1, 3]), ([2, 3], [0, 2])]
+    + [([2, 3], [1, 3])],
+    "mlp_dp4": [([r], [0, 1, 2, 3]) for r in range(4)],
+}
+MESH["opt"] = MESH["mlp"]
 TINY = dict(num_layers=2, num_heads=4, hidden_dim=32, intermediate_dim=64)
 
 
@@ -28,9 +37,10 @@ def _case(name):
     from keras_tensor_parallel import zoo
 
     rng = np.random.RandomState(1)
-    if name == "mlp":
-        x = rng.randn(8, 64).astype("float32")
-        return zoo.seed_mlp, x, rng.randn(8, 32).astype("float32"), 0
+    if name in ("mlp", "mlp_dp4"):
+        rows = 8 if name == "mlp" else 6
+        x = rng.randn(rows, 64).astype("float32")
+        return zoo.seed_mlp, x, rng.randn(rows, 32).astype("float32"), 0
 
     def build():
         return zoo.opt(vocabulary_size=1000, max_sequence_length=16, **TINY)
@@ -46,7 +56,7 @@ def _nbytes(variables) -> int:
     return sum(int(np.prod(v.value.shape)) * 4 for v in variables)
 
 
-def _ideal_param_bytes(plan, model_rank: int) -> int:
+def _ideal_param_bytes(plan, model_rank: int, t: int) -> int:
     """One replica's parameter bytes on this rank: split variables at
     their shard along the split dim, the rest whole."""
     total = 0
@@ -54,7 +64,7 @@ def _ideal_param_bytes(plan, model_rank: int) -> int:
         shape = list(e.shape)
         if e.is_split:
             n = shape[e.split_dim]
-            sizes = [n // 2 + (1 if i < n % 2 else 0) for i in range(2)]
+            sizes = [n // t + (1 if i < n % t else 0) for i in range(t)]
             shape[e.split_dim] = sizes[model_rank]
         total += int(np.prod(shape)) * 4
     return total
@@ -69,8 +79,9 @@ def _run_case(name: str) -> dict:
 
     build, x, y, blocks = _case(name)
     ref, cand, _ = zoo.build_pair(build, seed=0)
+    t = 1 if name == "mlp_dp4" else 2
     tp = TensorParallelKeras(
-        cand, world_size=4, tensor_parallel_size=2, distributed_backend="torch"
+        cand, world_size=4, tensor_parallel_size=t, distributed_backend="torch"
     )
     groups = tp.engine.groups
     res = {"model_ranks": groups.model_ranks, "data_ranks": groups.data_ranks}
@@ -93,7 +104,7 @@ def _run_case(name: str) -> dict:
         float(np.max(np.abs(a - b))) for a, b in zip(want, before)
     )
     res["param_bytes"] = _nbytes(tp.weights)
-    res["ideal_param_bytes"] = _ideal_param_bytes(tp.plan, groups.model_rank)
+    res["ideal_param_bytes"] = _ideal_param_bytes(tp.plan, groups.model_rank, t)
     res["optimizer_bytes"] = _nbytes(tp.optimizer.variables)
     extra = _nbytes(ref.optimizer.variables) - 2 * _nbytes(
         ref.trainable_weights
@@ -108,6 +119,8 @@ def _run_case(name: str) -> dict:
     res["counts"] = dict(tc.COUNTS)
     res["data_counts"] = dict(tg.COUNTS)
     res["expect"] = [2 * blocks + 1, 2 * blocks] if blocks else [2, 1]
+    if t == 1:
+        res["expect"] = [0, 0]  # no model axis: nothing split
     res["grad_bytes"] = _nbytes(tp.trainable_weights)
     return res
 
@@ -119,7 +132,7 @@ def worker(out_path: str) -> None:
     from keras_tensor_parallel.backends import torch_collectives as tc
 
     tc.ensure_process_group()
-    res = {name: _run_case(name) for name in ("mlp", "opt")}
+    res = {name: _run_case(name) for name in CASES}
     with open(f"{out_path}.{dist.get_rank()}", "w") as fh:
         json.dump(res, fh)
 
@@ -135,12 +148,11 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["mlp", "opt"])
+@pytest.mark.parametrize("name", CASES)
 def test_fit_matches_one_process_on_the_global_batch(results, name):
     for rank, every in enumerate(results):
         r = every[name]
-        assert r["model_ranks"] == [[0, 1], [2, 3]][rank // 2], r
-        assert r["data_ranks"] == [[0, 2], [1, 3]][rank % 2], r
+        assert (r["model_ranks"], r["data_ranks"]) == MESH[name][rank], r
         got, want = (np.asarray(h) for h in r["losses"])
         assert len(got) == STEPS and want[-1] < want[0], r
         np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -149,20 +161,20 @@ def test_fit_matches_one_process_on_the_global_batch(results, name):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["mlp", "opt"])
+@pytest.mark.parametrize("name", CASES)
 def test_bytes_per_rank_at_the_ideal(results, name):
     for every in results:
         r = every[name]
         assert r["param_bytes"] == r["ideal_param_bytes"], r
         assert r["optimizer_bytes"] == r["ideal_optimizer_bytes"], r
-    # Model-axis partners hold different shards of the same variables;
-    # data-axis partners hold the same ones.
-    assert results[0][name]["local_shapes"] == results[2][name]["local_shapes"]
-    assert results[1][name]["local_shapes"] == results[3][name]["local_shapes"]
+    # Data-axis partners hold the same shards.
+    shapes = [every[name]["local_shapes"] for every in results]
+    for a, b in [(0, 2), (1, 3)] if name != "mlp_dp4" else [(0, 1), (0, 3)]:
+        assert shapes[a] == shapes[b]
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["mlp", "opt"])
+@pytest.mark.parametrize("name", CASES)
 def test_collectives_per_step(results, name):
     for every in results:
         r = every[name]
