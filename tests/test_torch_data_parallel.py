@@ -94,6 +94,14 @@ def _run_case(name: str) -> dict:
         tp.fit(x, y, **kw).history["loss"],
         ref.fit(x, y, **kw).history["loss"],
     ]
+    # Evaluate keeps the replica's rows and reports the global loss;
+    # predict runs the whole batch on every replica.
+    res["evaluate"] = [
+        float(m.evaluate(x, y, batch_size=len(y), verbose=0)) for m in (tp, ref)
+    ]
+    res["predict"] = float(
+        np.max(np.abs(tp.predict(x, verbose=0) - ref.predict(x, verbose=0)))
+    )
     full, want = tp.get_weights(), ref.get_weights()
     # A key bias's exactly-zero gradient is rounding noise Adam scales up.
     keep = [i for i, v in enumerate(ref.weights) if "key/bias" not in v.path]
@@ -158,6 +166,8 @@ def test_fit_matches_one_process_on_the_global_batch(results, name):
         np.testing.assert_allclose(got, want, rtol=1e-5)
         assert r["moved"] > 1e-4, r  # it trained: the comparison can fail
         assert r["weights"] <= 1e-4, r
+        np.testing.assert_allclose(*r["evaluate"], rtol=1e-5)
+        assert r["predict"] <= 1e-4, r
 
 
 @pytest.mark.torch

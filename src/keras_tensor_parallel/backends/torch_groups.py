@@ -176,8 +176,8 @@ def install_gradient_reduction(
     Keras's torch trainer computes the gradients of this rank's share of
     the batch and calls `optimizer.apply(grads, variables)`; with this,
     each replica applies the data-axis mean, as DDP's hook would. The
-    torch engine would call it on `tp.optimizer` with its data group
-    (its one hook for the data axis). `optimizer.tp_reductions` counts the
+    torch engine calls it on `tp.optimizer` with its data group (through
+    `install_data_parallel`). `optimizer.tp_reductions` counts the
     all-reduces made.
 
     Example:
