@@ -104,6 +104,7 @@ class TorchEngine:
         if plan.world_size != world:
             self.groups = tg.new_mesh_groups(plan.world_size)
             model_rank, group = self.groups.model_rank, self.groups.model_group
+        self.model_rank = model_rank  # this rank's place in its plan
         self._styles = roles.styles_for(group)
         self._shard = roles.Shard(model_rank, plan.world_size, roles.Region())
         self._journal = base.Journal()
