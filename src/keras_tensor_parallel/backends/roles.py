@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
+from keras_tensor_parallel.backends import roles_ops
 from keras_tensor_parallel.plan import Role, VariablePlan
 from keras_tensor_parallel.plan.rules import EmbeddingRule, LinearRule, rule_for
 
@@ -412,5 +413,6 @@ def layer_style(entries, styles: dict[Role, Style]) -> Style:
     roles = {e.role for e in entries if e.is_split}
     for role in _PRECEDENCE:
         if role in roles:
-            return styles[role]
+            # Weights the layer's own ops apply play their role at the op.
+            return roles_ops.Dispatch(styles[role], entries)
     return styles[Role.REPLICATED]
