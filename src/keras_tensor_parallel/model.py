@@ -113,6 +113,8 @@ class TensorParallelKeras(keras.Model):
                 tp_size,
                 overrides=overrides,
                 slice_operands=backend == "jax",
+                # torch plays a layer's own matmul weights at the op.
+                op_projections=backend in ("jax", "torch"),
             )
         elif plan.world_size != tp_size:
             raise ValueError(

@@ -195,7 +195,11 @@ def _plan(model, size, ids, overrides, backend: str):
     # As `TensorParallelKeras(...)`: the torch engine runs the model's own
     # code per rank and cannot slice unsplit operands.
     return planner.plan_model(
-        model, size, overrides=overrides, slice_operands=backend == "jax"
+        model,
+        size,
+        overrides=overrides,
+        slice_operands=backend == "jax",
+        op_projections=backend in ("jax", "torch"),
     )
 
 

@@ -38,9 +38,18 @@ class Planner:
         graph: Its traced `ModelGraph`.
         world_size: Devices on the model axis.
         slice_operands: See `plan_model`.
+        op_projections: See `plan_model` (None: as `slice_operands`).
     """
 
-    def __init__(self, model, graph, world_size, *, slice_operands=True):
+    def __init__(
+        self,
+        model,
+        graph,
+        world_size,
+        *,
+        slice_operands=True,
+        op_projections=None,
+    ):
         self.model = model
         self.graph = graph
         self.n = world_size
@@ -59,7 +68,12 @@ class Planner:
             if rules.has_rule(layer):
                 self.rules[id(layer)] = rules.rule_for(layer)
         self.projections = find_projections(
-            graph, self.rules, self.owner, op_level=slice_operands
+            graph,
+            self.rules,
+            self.owner,
+            op_level=(
+                slice_operands if op_projections is None else op_projections
+            ),
         )
         self.proj_of_var = {id(p.kernel): p for p in self.projections.values()}
         self.proj_of_layer = {

@@ -54,6 +54,7 @@ def plan_model(
     *,
     overrides: dict | None = None,
     slice_operands: bool = True,
+    op_projections: bool | None = None,
 ) -> ShardingPlan:
     """Plan Megatron-style tensor parallelism for a built Keras model.
 
@@ -74,6 +75,11 @@ def plan_model(
             are split, heads not dividing N are padded and kv heads fewer
             than N shared. Engines running each rank's model code (torch)
             pass False: such regions are replicated, with the reason.
+        op_projections: Whether traced einsum/matmul weights (a layer's
+            own `ops.matmul(x, self.w)`, expert banks) are projections;
+            None: as `slice_operands`. The torch engine passes True with
+            `slice_operands=False`: it splits them column/row at the op
+            (`backends/roles_ops.py`), still without slicing operands.
 
     Returns:
         The `ShardingPlan`.
@@ -98,7 +104,11 @@ def plan_model(
     check_built(model)
     graph = graph_lib.extract_graph(model, is_leaf=is_leaf)
     entries = Planner(
-        model, graph, world_size, slice_operands=slice_operands
+        model,
+        graph,
+        world_size,
+        slice_operands=slice_operands,
+        op_projections=op_projections,
     ).run()
     plan = ShardingPlan(world_size, tuple(entries), model_name=model.name)
     if overrides:
