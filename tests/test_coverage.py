@@ -110,6 +110,8 @@ FIT = {
 }
 
 
+ADAM_WTOL = {"opt-6-heads": 3e-4}
+
 # 50-100 s each on two shared cores (compile time): slow but in `make test`.
 FAST = {"own-weights"}
 
@@ -154,9 +156,12 @@ def test_forward_and_three_adam_steps_match_one_device(name):
         ref = np.asarray(r, "float64")
         scale = max(float(np.max(np.abs(ref))), 1e-30)
         worst = max(worst, max_abs_diff(ref, np.asarray(t)) / scale)
-    # Adam turns rounding noise in near-zero gradients into steps of up to
-    # lr (1e-3): the bound is a fraction of one step, relative to |w|max.
-    assert worst <= 1e-3, worst
+    # Float32 noise, not a TP error: against a float64 run of the same
+    # steps TP is as close as the one-device float32 model, or closer
+    # (bench_coverage.py --float64 in BENCHMARKS.md). OPT's float32 model
+    # is itself 1.4e-4 from float64 (zero-initialized biases: max|w| is
+    # ~3 steps of lr), so TP and it may differ by twice that.
+    assert worst <= ADAM_WTOL.get(name, 1e-4), worst
 
 
 def _inputs(model):
@@ -164,3 +169,22 @@ def _inputs(model):
         return inputs(batch=2, seq=8)
     shape = tuple(model.input.shape[1:])
     return np.random.RandomState(0).randn(2, *shape).astype("float32")
+
+
+@pytest.mark.slow
+def test_moe_train_step_reduces_the_experts_input_gradient_once():
+    # Gate and up (`th,ehm->etm` on the same tokens) used to be reduced as
+    # two [tokens, hidden] arrays per layer; one is Megatron's minimum.
+    from keras_tensor_parallel import comms
+
+    keras.utils.set_random_seed(0)
+    tp = TensorParallelKeras(ROWS["mixtral"].build(), world_size=2)
+    kw = dict(batch_size=2, seq_len=16)
+    fused = comms.analyze(tp, 2, **kw)
+    unfused = comms.analyze(tp, 2, fuse_siblings=False, **kw)
+    tokens_x_hidden = 2 * 16 * 32 * 4  # bytes of one [tokens, hidden]
+    # Per layer, unfused: q, k, v reduce 3 input gradients (Dense siblings,
+    # 2 more than needed) and the experts' gate and up 2 (1 more).
+    saved = unfused.train_bytes - fused.train_bytes
+    assert saved == 2 * (2 + 1) * tokens_x_hidden, (saved, fused.train_bytes)
+    assert not fused.weight_gathers
