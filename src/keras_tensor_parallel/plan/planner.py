@@ -75,11 +75,8 @@ def plan_model(
             are split, heads not dividing N are padded and kv heads fewer
             than N shared. Engines running each rank's model code (torch)
             pass False: such regions are replicated, with the reason.
-        op_projections: Whether traced einsum/matmul weights (a layer's
-            own `ops.matmul(x, self.w)`, expert banks) are projections;
-            None: as `slice_operands`. The torch engine passes True with
-            `slice_operands=False`: it splits them column/row at the op
-            (`backends/roles_ops.py`), still without slicing operands.
+        op_projections: Whether a layer's own einsum/matmul weights are
+            split (None: as `slice_operands`; torch: True, at the op).
 
     Returns:
         The `ShardingPlan`.
@@ -104,12 +101,9 @@ def plan_model(
     check_built(model)
     graph = graph_lib.extract_graph(model, is_leaf=is_leaf)
     entries = Planner(
-        model,
-        graph,
-        world_size,
-        slice_operands=slice_operands,
+        model, graph, world_size, slice_operands=slice_operands,
         op_projections=op_projections,
-    ).run()
+    ).run()  # fmt: skip
     plan = ShardingPlan(world_size, tuple(entries), model_name=model.name)
     if overrides:
         plan = apply_overrides(plan, overrides)
