@@ -43,9 +43,8 @@ def _bound(reference) -> float:
     ],
 )
 def test_matches_one_device(name, n, recompute):
-    spec = catalogue.get(name)
-    if recompute is None:  # one block: the same edges, compiled faster
-        spec = spec.variant(num_layers=1)
+    # One block of the tiny config: every edge, compiled faster.
+    spec = catalogue.get(name).variant(num_layers=1)
     reference, candidate, _ = build_pair(spec.build)
     tp = TensorParallelKeras(
         candidate, world_size=n, sequence_parallel=True, recompute=recompute
@@ -204,4 +203,5 @@ def test_cli_comms_sequence_parallel_ring_equals_plain(capsys):
         ring[bool(flag)] = (report["train"]["ring_bytes"], kinds)
     assert ring[False][1] == {"all-reduce"}
     assert {"all-gather", "reduce-scatter"} <= ring[True][1]
-    assert ring[True][0] >= ring[False][0] > 0
+    # Plus the replicated norm and bias vectors' gradients.
+    assert ring[False][0] <= ring[True][0] <= 1.05 * ring[False][0]

@@ -322,22 +322,32 @@ def _check_layer(layer, side: str, ndim: int) -> None:
 
 
 def _column_groups(model, edges: dict, journal, shards: Edges) -> int:
-    """Wrap every region edge; column layers reading one tensor share a
-    group. Traced on symbolic inputs, so a bad model fails when wrapped."""
+    """Check every region edge, and wrap the column layers whose input is
+    sequence-split (downstream of a row projection or a vocab lookup; a
+    model input read directly stays whole, with nothing to gather).
+    Column layers reading one tensor share a group. Traced on symbolic
+    inputs, so a bad model fails when wrapped."""
     from keras_tensor_parallel.plan import graph as graph_lib
     from keras_tensor_parallel.plan.planner import is_leaf
 
     graph = graph_lib.extract_graph(model, is_leaf)
     groups: dict = {}
+    split: set = set()  # ids of sequence-split tensors
     for node in graph.nodes:
         layer, side = edges.get(id(node.op), (None, None))
-        if side is None or not node.inputs:
-            continue
-        _check_layer(layer, side, len(node.inputs[0].shape))
-        if side == COLUMN:
-            members = groups.setdefault(id(node.inputs[0]), [])
-            if layer not in members:
-                members.append(layer)
+        reads_split = any(id(t) in split for t in node.inputs)
+        if side is not None and node.inputs:
+            _check_layer(layer, side, len(node.inputs[0].shape))
+        if side == COLUMN:  # its output is whole along the sequence
+            if id(node.inputs[0]) in split:
+                members = groups.setdefault(id(node.inputs[0]), [])
+                members += [] if layer in members else [layer]
+        elif (
+            reads_split
+            or side == ROW
+            or (side == VOCAB and not _is_reverse(node.args[1:], node.kwargs))
+        ):
+            split.update(id(t) for t in node.outputs)
     for layers in groups.values():
         group = _ColumnGroup(layers, shards)
         for layer in layers:
