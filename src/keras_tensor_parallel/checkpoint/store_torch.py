@@ -98,6 +98,22 @@ def latest(directory) -> str:
 # What each variable is across the ranks ----------------------------------
 
 
+def check_no_data_axis(tp) -> None:
+    """Refuse a torch checkpoint of a data x tensor parallel run before
+    anything is read or written: data-axis partners hold the same shards,
+    which the `ShardedTensor`s here would describe as overlapping.
+
+    Raises:
+        ValueError: when `tensor_parallel_size < world_size`.
+    """
+    if tp.tensor_parallel_size < tp.world_size:
+        raise ValueError(
+            "Checkpoints on torch with tensor_parallel_size < world_size "
+            "are not supported yet; received world_size="
+            f"{tp.world_size}, tensor_parallel_size={tp.tensor_parallel_size}"
+        )
+
+
 def _groups(tp) -> dict:
     # No `prepare_state`: on torch it reseeds every rank, and a save must
     # not change the run it checkpoints (resuming would then differ).
@@ -244,6 +260,7 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
     save(tp, "ckpt")   # ckpt/step_00000012 after 12 optimizer steps
     ```
     """
+    check_no_data_axis(tp)
     groups = _groups(tp)
     split = layouts(tp, groups)
     step = int(tp.optimizer.iterations.numpy()) if tp.optimizer else 0
@@ -289,7 +306,7 @@ def load(tp, directory) -> str:
 
     Raises:
         ValueError: no complete checkpoint, or one of another model or
-            optimizer (the first difference is named).
+            optimizer (the first difference is named), or a data axis.
 
     Example:
 
@@ -298,6 +315,7 @@ def load(tp, directory) -> str:
     load(tp, "ckpt")
     ```
     """
+    check_no_data_axis(tp)
     path = latest(directory)
     meta = read_metadata(path)
     groups = _groups(tp)

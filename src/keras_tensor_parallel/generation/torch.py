@@ -23,7 +23,8 @@ def _localize_cache(model, engine) -> None:
     if getattr(model, "_tp_cache_localized", False):
         return
     original = model.call_with_cache
-    plan, rank = engine.plan, engine.rank
+    # The model-axis rank: with a data axis, replicas cache the same heads.
+    plan, rank = engine.plan, engine.model_rank
 
     def call_with_cache(token_ids, cache, cache_update_index, *a, **kw):
         heads = int(cache.shape[HEADS_DIM])

@@ -23,6 +23,7 @@ import torch
 
 from keras_tensor_parallel.backends import torch as torch_engine
 from keras_tensor_parallel.backends import torch_collectives as tc
+from keras_tensor_parallel.backends import torch_groups as tg
 from keras_tensor_parallel.loading import observers
 
 # Initializers whose values do not depend on the shape they are drawn at.
@@ -44,6 +45,18 @@ def local_index(shape, dim: int, rank: int, size: int):
     index = [slice(None)] * len(shape)
     index[dim] = slice(start, start + sizes[rank])
     return tuple(index), sizes
+
+
+def model_rank(size: int) -> int:
+    """This rank's place on the model axis of `size` ranks (the global
+    rank without a data axis): ranks fill the `(data, model)` mesh
+    row-major, as `torch_groups.mesh_ranks` lays them out, so data-axis
+    partners read the same rows and draw the same values."""
+    rank, world = tc.rank(), tc.world_size()
+    if size == world:
+        return rank
+    groups = tg.mesh_ranks(world, size)["model"]  # raises unless a divisor
+    return next(g.index(rank) for g in groups if rank in g)
 
 
 def _fan(shape, mode: str) -> float:
@@ -108,7 +121,8 @@ def place_local(variables, plan, *, weights=None, names=None) -> None:
 
     Args:
         variables: Variables created under `abstract.unallocated()`.
-        plan: The `ShardingPlan` (its world size is the number of ranks).
+        plan: The `ShardingPlan` (its world size is the model axis: all
+            ranks, or each replica's with a data axis).
         weights: A reader with `read(name, index)`, or None.
         names: `{id(variable): dataset name}` for variables in `weights`.
 
@@ -119,7 +133,8 @@ def place_local(variables, plan, *, weights=None, names=None) -> None:
     ```
     """
     names = names or {}
-    rank, size = tc.rank(), plan.world_size
+    size = plan.world_size
+    rank = model_rank(size)
     by_path = {e.path: e for e in plan}
     for v in variables:
         entry = by_path[v.path]
