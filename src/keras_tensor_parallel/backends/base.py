@@ -64,6 +64,10 @@ class Engine(Protocol):
 
     def place_state(self, variables: Iterable) -> None: ...
 
+    def set_activations(
+        self, *, sequence_parallel: bool, recompute
+    ) -> None: ...
+
     def guard(self, tp_model): ...
 
     def to_numpy(self, variable) -> np.ndarray: ...
@@ -78,6 +82,19 @@ class Engine(Protocol):
 
 
 # Shared by the engines and by verify -----------------------------------------
+
+
+def refuse_activations(
+    engine: str, *, sequence_parallel: bool, recompute
+) -> None:
+    """`set_activations` of an engine that splits no activations: a
+    ValueError for anything but plain tensor parallelism."""
+    if sequence_parallel or recompute:
+        raise ValueError(
+            "sequence_parallel and recompute run on the JAX engine only; "
+            f"the {engine} engine runs plain tensor parallelism. Received: "
+            f"sequence_parallel={sequence_parallel}, recompute={recompute!r}"
+        )
 
 
 def check_plan_matches(variables: Sequence, plan: ShardingPlan) -> None:

@@ -191,6 +191,15 @@ class TensorflowEngine:
         """Nothing to place: slots are made from the local shards."""
         return None
 
+    def set_activations(self, *, sequence_parallel: bool, recompute) -> None:
+        """Only plain tensor parallelism here (sequence parallelism and
+        recomputation are JAX-only)."""
+        base.refuse_activations(
+            "TensorFlow",
+            sequence_parallel=sequence_parallel,
+            recompute=recompute,
+        )
+
     @contextlib.contextmanager
     def guard(self, tp_model):
         """Nothing to guard: TensorFlow variables keep their values."""

@@ -209,6 +209,13 @@ class TorchEngine:
         """Nothing to place: slots are made from the local shards."""
         return None
 
+    def set_activations(self, *, sequence_parallel: bool, recompute) -> None:
+        """Only plain tensor parallelism here (sequence parallelism and
+        recomputation are JAX-only)."""
+        base.refuse_activations(
+            "torch", sequence_parallel=sequence_parallel, recompute=recompute
+        )
+
     @contextlib.contextmanager
     def guard(self, tp_model):
         """Nothing to guard: Keras's torch trainer keeps every variable's
