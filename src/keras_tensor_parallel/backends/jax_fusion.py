@@ -185,12 +185,16 @@ def _wrap(layer, group: _Group, journal) -> None:
         journal.setattr(layer, "_tp_fused", True)
 
 
-def sibling_groups(model, plan: ShardingPlan) -> list[list]:
-    """Eligible projections grouped by the tensor they read (2+ each)."""
+def _trace(model):
     from keras_tensor_parallel.plan import graph as graph_lib
     from keras_tensor_parallel.plan.planner import _is_leaf
 
-    graph = graph_lib.extract_graph(model, _is_leaf)
+    return graph_lib.extract_graph(model, _is_leaf)
+
+
+def sibling_groups(model, plan: ShardingPlan, graph=None) -> list[list]:
+    """Eligible projections grouped by the tensor they read (2+ each)."""
+    graph = graph if graph is not None else _trace(model)
     by_input = collections.defaultdict(list)
     for node in graph.nodes:
         layer = node.op
@@ -207,9 +211,10 @@ def install(model, plan: ShardingPlan, *, journal=None) -> int:
     """
     if plan.world_size < 2:
         return 0
+    graph = _trace(model)  # once, for both kinds of siblings
     groups = [
         g
-        for g in sibling_groups(model, plan)
+        for g in sibling_groups(model, plan, graph)
         if not any(getattr(m, "_tp_fused", False) for m in g)
     ]
     for layers in groups:
@@ -221,7 +226,8 @@ def install(model, plan: ShardingPlan, *, journal=None) -> int:
             _wrap(layer, group, journal)
     from keras_tensor_parallel.backends import jax_fusion_ops
 
-    return len(groups) + jax_fusion_ops.install(model, plan, journal=journal)
+    ops = jax_fusion_ops.install(model, plan, graph, journal=journal)
+    return len(groups) + ops
 
 
 def uninstall(model) -> int:

@@ -47,14 +47,11 @@ def _offset(rule, entry) -> int:
     return len(entry.shape) - len(rule.kernel_spec)
 
 
-def _candidates(model, plan: ShardingPlan) -> dict:
+def _candidates(graph, plan: ShardingPlan) -> dict:
     """{(id(input), equation, letter): [kernels]} of op-level projections
-    whose kernel the plan splits."""
-    from keras_tensor_parallel.plan import graph as graph_lib
+    whose kernel the plan splits, from the traced `graph`."""
     from keras_tensor_parallel.plan import projections
-    from keras_tensor_parallel.plan.planner import is_leaf
 
-    graph = graph_lib.extract_graph(model, is_leaf)
     found = collections.defaultdict(list)
     for node in graph.nodes:
         rule = projections.op_rule(node)
@@ -160,10 +157,11 @@ def _routed(groups):
         jax_numpy.einsum = original
 
 
-def install(model, plan: ShardingPlan, *, journal=None) -> int:
-    """Fuse sibling einsums inside layers; returns how many groups."""
+def install(model, plan: ShardingPlan, graph, *, journal=None) -> int:
+    """Fuse sibling einsums inside the layers of `model` (traced as
+    `graph`); returns how many groups."""
     by_layer = collections.defaultdict(list)
-    for (_, equation, letter), kernels in _candidates(model, plan).items():
+    for (_, equation, letter), kernels in _candidates(graph, plan).items():
         layer = _owner(model, kernels) if len(kernels) > 1 else None
         if layer is not None and not getattr(layer, "_tp_fused", False):
             by_layer[id(layer)].append(
