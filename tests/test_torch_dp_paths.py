@@ -170,5 +170,14 @@ def test_checkpoints_refuse_a_data_axis(results):
         assert c["files"] == [] and c["unchanged"], c
 
 
+def test_build_on_tensorflow_is_refused():
+    from keras_tensor_parallel import TensorParallelKeras, catalogue
+
+    with pytest.raises(ValueError, match="distributed_backend='tensorflow'"):
+        TensorParallelKeras.build(
+            catalogue.seed_mlp, world_size=2, distributed_backend="tensorflow"
+        )
+
+
 if __name__ == "__main__":
     worker(*sys.argv[1:])

@@ -164,6 +164,11 @@ def load(
     ```
     """
     backend = devices_lib.validate_backend(distributed_backend)
+    if backend not in ("jax", "torch"):
+        raise ValueError(
+            "Loading straight into shards runs on the jax and torch "
+            f"engines; received distributed_backend={backend!r}"
+        )
     ids = devices_lib.resolve_devices(
         world_size=world_size, device_ids=device_ids, backend=backend
     )
