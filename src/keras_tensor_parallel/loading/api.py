@@ -163,12 +163,7 @@ def load(
     tp = load("opt_preset/", wrapper=TensorParallelKeras, world_size=4)
     ```
     """
-    backend = devices_lib.validate_backend(distributed_backend)
-    if backend not in ("jax", "torch"):
-        raise ValueError(
-            "Loading straight into shards runs on the jax and torch "
-            f"engines; received distributed_backend={backend!r}"
-        )
+    backend = _loading_backend(distributed_backend)
     ids = devices_lib.resolve_devices(
         world_size=world_size, device_ids=device_ids, backend=backend
     )
@@ -193,6 +188,16 @@ def load(
     if src.compile_task:
         src.model.compile()  # KerasHub tasks come compiled by default
     return tp
+
+
+def _loading_backend(distributed_backend) -> str:
+    backend = devices_lib.validate_backend(distributed_backend)
+    if backend not in ("jax", "torch"):
+        raise ValueError(
+            "Loading straight into shards runs on the jax and torch "
+            f"engines; received distributed_backend={backend!r}"
+        )
+    return backend
 
 
 def _plan(model, size, ids, overrides, backend: str):
