@@ -27,6 +27,7 @@ way. Importing this module imports no framework.
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal
 import tempfile
@@ -269,3 +270,16 @@ def write_file(method: Callable, filepath, **kwargs) -> None:
         method(filepath, overwrite=overwrite, **kwargs)
         return
     atomic_write(lambda p: method(p, **kwargs), filepath, overwrite=overwrite)
+
+
+def rank_error(name: str, message: str, *, rank: int) -> BaseException:
+    """The error another rank raised, rebuilt here from its type name and
+    message (a builtin type when it is one, else RuntimeError)."""
+    cls = getattr(builtins, name, None)
+    text = f"rank {rank} failed: {name}: {message}"
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(text)
+        except Exception:  # noqa: BLE001 - a type that needs other args
+            pass
+    return RuntimeError(text)

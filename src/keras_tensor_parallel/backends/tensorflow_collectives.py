@@ -19,7 +19,6 @@ only has to have the right shape.
 
 from __future__ import annotations
 
-import builtins
 import itertools
 import json
 import os
@@ -27,6 +26,8 @@ import os
 import numpy as np
 import tensorflow as tf
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+from keras_tensor_parallel.backends import base
 
 GROUP_KEY = 7001
 ERROR_BYTES = 1024  # of an error message exchanged by `first_error`
@@ -247,16 +248,5 @@ def first_error(error: BaseException | None) -> BaseException | None:
         if found[0]:
             message = bytes(found[1 : found[0]].astype("uint8"))
             name, _, rest = message.decode("utf-8", "replace").partition(":")
-            return error or _same_kind(name, rest, rank=r)
+            return error or base.rank_error(name, rest, rank=r)
     return None
-
-
-def _same_kind(name: str, message: str, *, rank: int) -> BaseException:
-    cls = getattr(builtins, name, None)
-    text = f"rank {rank} failed: {name}: {message}"
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            return cls(text)
-        except Exception:  # noqa: BLE001 - a type that needs other args
-            pass
-    return RuntimeError(text)

@@ -10,12 +10,13 @@ parallelism the engine passes its model-axis group (`torch_groups.py`).
 
 from __future__ import annotations
 
-import builtins
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+from keras_tensor_parallel.backends import base
 
 # Collectives issued by f, g and the vocab gather, for accounting in tests
 # and benchmarks: {"forward": all-reduces in forward, "backward": ...}.
@@ -188,16 +189,5 @@ def first_error(error: BaseException | None) -> BaseException | None:
     dist.all_gather_object(every, mine)
     for r, found in enumerate(every):
         if found is not None:
-            return error or _same_kind(*found, rank=r)
+            return error or base.rank_error(*found, rank=r)
     return None
-
-
-def _same_kind(name: str, message: str, *, rank: int) -> BaseException:
-    cls = getattr(builtins, name, None)
-    text = f"rank {rank} failed: {name}: {message}"
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            return cls(text)
-        except Exception:  # noqa: BLE001 - a type that needs other args
-            pass
-    return RuntimeError(text)
