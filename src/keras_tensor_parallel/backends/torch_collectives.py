@@ -10,6 +10,7 @@ parallelism the engine passes its model-axis group (`torch_groups.py`).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -63,7 +64,20 @@ def ensure_process_group(timeout_s: float | None = None) -> bool:
     dist.init_process_group(
         backend, timeout=datetime.timedelta(seconds=timeout_s)
     )
+    atexit.register(close_process_group)
     return True
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, if one is initialized.
+
+    Registered at exit by `ensure_process_group`: a gloo group left to the
+    interpreter's finalization has worker threads still joinable when
+    their C++ objects are destroyed, which aborts the process ("terminate
+    called without an active exception") after a run that succeeded.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
