@@ -13,6 +13,7 @@ the whole batch and compares.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -133,6 +134,100 @@ def _run_case(name: str) -> dict:
     return res
 
 
+# Checkpoints with a data axis ---------------------------------------------
+
+
+def _ckpt_model(t: int, seed: int, optimizer=None):
+    import keras
+
+    from keras_tensor_parallel import TensorParallelKeras, catalogue
+
+    keras.utils.set_random_seed(seed)
+    tp = TensorParallelKeras(
+        catalogue.seed_mlp(),
+        world_size=4,
+        tensor_parallel_size=t,
+        distributed_backend="torch",
+    )
+    tp.compile(optimizer=optimizer or keras.optimizers.Adam(1e-3), loss="mse")
+    return tp
+
+
+def _ckpt_fit(tp) -> list:
+    rng = np.random.RandomState(5)
+    x, y = rng.randn(8, 64).astype("float32"), rng.randn(8, 32)
+    kw = dict(batch_size=8, epochs=2, shuffle=False, verbose=0)
+    return tp.fit(x, y.astype("float32"), **kw).history["loss"]
+
+
+def _local(tp) -> list:
+    return [np.asarray(v.value.detach()) for v in tp.optimizer.variables]
+
+
+def _files(path: str) -> dict:
+    """`{file: bytes}` of a checkpoint step, and DCP's chunks per key."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(path).read_metadata().state_dict_metadata
+    digest = {}
+    for f in sorted(os.listdir(path)):
+        with open(os.path.join(path, f), "rb") as fh:
+            digest[f] = hashlib.sha256(fh.read()).hexdigest()
+    return {
+        "digest": digest,
+        "sizes": {
+            f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+        },
+        "chunks": {
+            k: [list(c.offsets) for c in m.chunks]
+            for k, m in meta.items()
+            if hasattr(m, "chunks")
+        },
+    }
+
+
+def _checkpoint_case(folder: str) -> dict:
+    """Save at data=2 x model=2 after 2 steps and train 2 more; fresh
+    models (other weights) restore at 2x2, 1x4 and 4x1 and train the
+    same 2; an SGD model's load is refused and changes nothing."""
+    import keras
+
+    tp = _ckpt_model(2, 1)
+    _ckpt_fit(tp)
+    path = tp.save_checkpoint(folder)
+    full_bytes = 3 * sum(int(np.asarray(w).nbytes) for w in tp.get_weights())
+    res = {"path": path, "files": _files(path), "full_bytes": full_bytes}
+    res["losses"] = _ckpt_fit(tp)
+    weights, slots = tp.get_weights(), _local(tp)
+    for name, t in (("2x2", 2), ("1x4", 4), ("4x1", 1)):
+        fresh = _ckpt_model(t, 7)
+        loaded = fresh.load_checkpoint(folder)
+        losses = _ckpt_fit(fresh)
+        res[name] = {
+            "loaded": loaded,
+            "losses": losses,
+            "weights": max(
+                float(np.max(np.abs(a - b)))
+                for a, b in zip(weights, fresh.get_weights())
+            ),
+            "slots_equal": t == 2
+            and all(np.array_equal(a, b) for a, b in zip(slots, _local(fresh))),
+        }
+    sgd = _ckpt_model(2, 1, keras.optimizers.SGD(0.1))
+    before = sgd.get_weights()
+    try:
+        sgd.load_checkpoint(folder)
+        res["bad"] = "no error"
+    except ValueError as e:
+        res["bad"] = str(e)
+    after = sgd.get_weights()
+    res["bad_unchanged"] = all(
+        np.array_equal(a, b) for a, b in zip(before, after)
+    )
+    res["bad_files"] = _files(path)
+    return res
+
+
 def worker(out_path: str) -> None:
     """Runs in every rank (KERAS_BACKEND=torch)."""
     import torch.distributed as dist
@@ -141,6 +236,8 @@ def worker(out_path: str) -> None:
 
     tc.ensure_process_group()
     res = {name: _run_case(name) for name in CASES}
+    ckpt = os.path.join(os.path.dirname(out_path), "ckpt")
+    res["checkpoint"] = _checkpoint_case(ckpt)
     with open(f"{out_path}.{dist.get_rank()}", "w") as fh:
         json.dump(res, fh)
 
@@ -199,6 +296,48 @@ def test_collectives_per_step(results, name):
             "gradient_bytes": r["grad_bytes"],
             "loss": 1,
         }, r
+
+
+@pytest.mark.torch
+def test_checkpoint_with_a_data_axis_writes_each_shard_once(results):
+    r = results[0]["checkpoint"]
+    assert all(e["checkpoint"]["path"] == r["path"] for e in results)
+    files = r["files"]
+    # Each split value (kernels, biases, their Adam slots) is 2 chunks,
+    # one per model-axis shard, however many replicas hold it.
+    split = [k for k, c in files["chunks"].items() if len(c) > 1]
+    assert len(split) >= 3 * 4, files["chunks"]
+    for key, chunks in files["chunks"].items():
+        assert len(chunks) <= 2, (key, chunks)
+        assert len({tuple(c) for c in chunks}) == len(chunks), (key, chunks)
+    # Written once: one replica's weights and slots, not two.
+    written = sum(n for f, n in files["sizes"].items() if f.endswith(".distcp"))
+    assert r["full_bytes"] <= written <= 1.1 * r["full_bytes"] + 2**16, r
+    assert r["bad_files"] == files  # the refused load changed no file
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mesh", ["2x2", "1x4", "4x1"])
+def test_checkpoint_restores_on_every_mesh(results, mesh):
+    for every in results:
+        r = every["checkpoint"]
+        got = r[mesh]
+        assert got["loaded"] == r["path"], got
+        assert len(got["losses"]) == 2, got
+        if mesh == "2x2":  # the same mesh: bit-identical
+            assert got["losses"] == r["losses"], got
+            assert got["weights"] == 0.0 and got["slots_equal"], got
+        else:  # resharded: float rounding
+            np.testing.assert_allclose(got["losses"], r["losses"], rtol=1e-5)
+            assert got["weights"] <= 1e-5, got
+
+
+@pytest.mark.torch
+def test_checkpoint_of_another_optimizer_is_refused(results):
+    for every in results:
+        r = every["checkpoint"]
+        assert "optimizer_class" in r["bad"] and "SGD" in r["bad"], r["bad"]
+        assert r["bad_unchanged"], r
 
 
 if __name__ == "__main__":

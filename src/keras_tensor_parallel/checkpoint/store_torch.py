@@ -11,7 +11,11 @@ Each split variable (and each optimizer slot of one) is described to DCP
 as a `ShardedTensor` whose one local shard carries its global offset, so
 every rank writes only its own rows, and a load at another world size
 reads, for each rank, exactly the rows its new shard covers (DCP reshards
-from the offsets). A save goes to a temporary directory that rank 0
+from the offsets). With a data axis (`tensor_parallel_size < world_size`)
+each replica describes its shards over its model-axis group; replicas
+hold the same shards at the same offsets, DCP writes each once and every
+replica restores it, and a load on another `(data, model)` mesh reshards
+the same way. A save goes to a temporary directory that rank 0
 renames to `step_XXXXXXXX` only once every rank's shards and the metadata
 are on disk: a save killed midway leaves the previous step loadable.
 """
@@ -98,22 +102,6 @@ def latest(directory) -> str:
 # What each variable is across the ranks ----------------------------------
 
 
-def check_no_data_axis(tp) -> None:
-    """Refuse a torch checkpoint of a data x tensor parallel run before
-    anything is read or written: data-axis partners hold the same shards,
-    which the `ShardedTensor`s here would describe as overlapping.
-
-    Raises:
-        ValueError: when `tensor_parallel_size < world_size`.
-    """
-    if tp.tensor_parallel_size < tp.world_size:
-        raise ValueError(
-            "Checkpoints on torch with tensor_parallel_size < world_size "
-            "are not supported yet; received world_size="
-            f"{tp.world_size}, tensor_parallel_size={tp.tensor_parallel_size}"
-        )
-
-
 def _groups(tp) -> dict:
     # No `prepare_state`: on torch it reseeds every rank, and a save must
     # not change the run it checkpoints (resuming would then differ).
@@ -167,9 +155,21 @@ def _quiet():
         yield
 
 
-def _sharded(local, full, dim: int, start: int):
-    """`local` as this rank's shard of a `full`-shaped tensor (a
-    collective: every rank describes its shard)."""
+def _model_group(tp):
+    """The process group one replica's shards span: the model-axis group
+    with a data axis, else every rank (None)."""
+    groups = getattr(tp.engine, "groups", None)
+    return groups.model_group if groups is not None else None
+
+
+def _sharded(local, full, dim: int, start: int, group):
+    """`local` as this rank's shard of a `full`-shaped tensor, over the
+    ranks of `group` (a collective there: each describes its shard).
+
+    With a data axis every replica describes the same shards (same global
+    offsets); DCP's save planner keeps one writer per `(key, offset)`
+    (`dedup_save_plans`), so each shard is written once, and every
+    replica reads its shard back on load."""
     offsets = [0] * len(full)
     offsets[dim] = start
     meta = ShardMetadata(
@@ -178,18 +178,21 @@ def _sharded(local, full, dim: int, start: int):
         placement=f"rank:{tc.rank()}/{local.device}",
     )
     with _quiet():
-        return init_from_local_shards([Shard(local, meta)], *full)
+        return init_from_local_shards(
+            [Shard(local, meta)], *full, process_group=group
+        )
 
 
-def _state_dict(groups: dict, split: dict, make) -> dict:
+def _state_dict(tp, groups: dict, split: dict, make) -> dict:
     """`{group/key: tensor or ShardedTensor}`, values from `make(v)`."""
     out = {}
+    process_group = _model_group(tp)
     for group, variables in groups.items():
         for key, v in variables.items():
             local = make(v)
-            if (group, key) in split and tc.world_size() > 1:
+            if (group, key) in split and tp.tensor_parallel_size > 1:
                 full, dim, start = split[(group, key)]
-                local = _sharded(local, full, dim, start)
+                local = _sharded(local, full, dim, start, process_group)
             out[f"{group}/{key}"] = local
     return out
 
@@ -260,7 +263,6 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
     save(tp, "ckpt")   # ckpt/step_00000012 after 12 optimizer steps
     ```
     """
-    check_no_data_axis(tp)
     groups = _groups(tp)
     split = layouts(tp, groups)
     step = int(tp.optimizer.iterations.numpy()) if tp.optimizer else 0
@@ -269,7 +271,7 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
         os.path.abspath(directory),
         f".step_{step:08d}.tmp-{_agree(uuid.uuid4().hex)}",
     )
-    state = _state_dict(groups, split, lambda v: v.value.detach())
+    state = _state_dict(tp, groups, split, lambda v: v.value.detach())
     state[TORCH_RNG] = torch.get_rng_state()
     meta = _metadata(tp, groups, split, step)
     _together(os.makedirs, tmp, 0o777, True)
@@ -306,7 +308,7 @@ def load(tp, directory) -> str:
 
     Raises:
         ValueError: no complete checkpoint, or one of another model or
-            optimizer (the first difference is named), or a data axis.
+            optimizer (the first difference is named).
 
     Example:
 
@@ -315,7 +317,6 @@ def load(tp, directory) -> str:
     load(tp, "ckpt")
     ```
     """
-    check_no_data_axis(tp)
     path = latest(directory)
     meta = read_metadata(path)
     groups = _groups(tp)
@@ -327,7 +328,7 @@ def load(tp, directory) -> str:
         for g, variables in groups.items()
     }
     state = _state_dict(
-        groups, split, lambda v: torch.empty_like(v.value.detach())
+        tp, groups, split, lambda v: torch.empty_like(v.value.detach())
     )
     state[TORCH_RNG] = torch.empty_like(torch.get_rng_state())
     with _quiet():
