@@ -135,6 +135,8 @@ def _grads(model, x):
 
 def worker(name: str, out_path: str, fail: str = "") -> None:
     """Runs in every rank (KERAS_BACKEND=torch)."""
+    if name == "all":
+        return all_worker(out_path)
     if name == "compile":
         return compile_worker(out_path)
     if name == "clip":
@@ -431,21 +433,61 @@ def wrap_error_worker(out_path: str) -> None:
         json.dump(res, fh)
 
 
+PARITY = ["mlp", "attention", "opt", "gpt2", "llama", "subclass"]
+CASES = [*PARITY, "compile", "clip", "unrunnable", "save_error", "wrap_error"]
+
+
+def all_worker(folder: str) -> None:
+    """Every case of this file in one launch (the imports of torch, Keras
+    and KerasHub cost each launch more than most cases), each in its own
+    directory, which is also the working directory while it runs. A case
+    that raises on every rank records its error for its own test; the
+    ranks meet at a barrier before the next."""
+    import torch.distributed as dist
+
+    from keras_tensor_parallel.backends import torch_collectives as tc
+
+    tc.ensure_process_group()
+    for name in CASES:
+        here = os.path.join(folder, name)
+        os.makedirs(here, exist_ok=True)
+        os.chdir(here)
+        try:
+            worker(name, os.path.join(here, "result.json"))
+        except Exception as e:  # noqa: BLE001 - the case's test reports it
+            error = os.path.join(folder, f"{name}.error.{dist.get_rank()}")
+            with open(error, "w") as fh:
+                fh.write(f"{type(e).__name__}: {e}")
+        dist.barrier()
+
+
 def _launch(tmp_path, *args, timeout=TIMEOUT):
     from ranks import launch
 
     return launch(HERE, *args, backend="torch", timeout=timeout, cwd=tmp_path)
 
 
-@pytest.mark.torch
-@pytest.mark.parametrize(
-    "name", ["mlp", "attention", "opt", "gpt2", "llama", "subclass"]
-)
-def test_parity_with_single_process(tmp_path, name):
-    out = tmp_path / "result.json"
-    proc = _launch(tmp_path, name, str(out))
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """The launch of every case; `cases(name)` is that case's directory
+    (its test asserts on what the case left there)."""
+    folder = tmp_path_factory.mktemp("torch_backend")
+    proc = _launch(folder, "all", str(folder), timeout=6 * TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(out.read_text())
+
+    def case(name):
+        errors = sorted(folder.glob(f"{name}.error.*"))
+        assert not errors, [p.read_text() for p in errors]
+        return folder / name
+
+    case.stdout = proc.stdout
+    return case
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", PARITY)
+def test_parity_with_single_process(cases, name):
+    res = json.loads((cases(name) / "result.json").read_text())
     assert res["forward"] <= 1e-5, res
     assert res["grads"] <= 1e-5, res
     assert res.get("logits", 0.0) <= 1e-5, res
@@ -461,11 +503,8 @@ def test_parity_with_single_process(tmp_path, name):
 
 
 @pytest.mark.torch
-def test_torch_compile_parity(tmp_path):
-    out = tmp_path / "result.json"
-    proc = _launch(tmp_path, "compile", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(out.read_text())
+def test_torch_compile_parity(cases):
+    res = json.loads((cases("compile") / "result.json").read_text())
     assert res["jit_compile"] and res["graphs"] > 0, res
     assert res["eager_collectives"] == 0, res
     assert res["fit_losses"] <= 1e-5, res
@@ -473,33 +512,29 @@ def test_torch_compile_parity(tmp_path):
 
 
 @pytest.mark.torch
-def test_clipping_and_rank0_output(tmp_path):
-    out = tmp_path / "result.json"
-    proc = _launch(tmp_path, "clip", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(out.read_text())
+def test_clipping_and_rank0_output(cases):
+    here = cases("clip")
+    res = json.loads((here / "result.json").read_text())
     for key in ("clipnorm", "global_clipnorm"):
         assert res[key]["clipped"] > 1e-3, res
         assert res[key]["losses"] <= 1e-5, res
         assert res[key]["weights"] <= 1e-5, res
     # Both ranks write to the launcher's stdout; only rank 0 prints (each
     # epoch's header once, then its progress bar).
-    assert proc.stdout.count("Epoch 1/2") == 1, proc.stdout[-2000:]
-    assert proc.stdout.count("Epoch 2/2") == 1, proc.stdout[-2000:]
-    assert "/step - loss:" in proc.stdout.split("Epoch 2/2")[1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    # (No other case fits verbosely.)
+    stdout = cases.stdout
+    assert stdout.count("Epoch 1/2") == 1, stdout[-2000:]
+    assert stdout.count("Epoch 2/2") == 1, stdout[-2000:]
+    assert "/step - loss:" in stdout.split("Epoch 2/2")[1]
+    assert sorted(p.name for p in here.iterdir()) == [
         "model.keras",
         "result.json",
     ]
 
 
 @pytest.mark.torch
-@pytest.mark.torch
-def test_unrunnable_plans_fail_at_wrap_time(tmp_path):
-    out = tmp_path / "result.json"
-    proc = _launch(tmp_path, "unrunnable", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(out.read_text())
+def test_unrunnable_plans_fail_at_wrap_time(cases):
+    res = json.loads((cases("unrunnable") / "result.json").read_text())
     assert "cannot run this plan on local shards" in res["error"], res
     assert res["unchanged"], res
     assert res["falcon"] <= 1e-5, res
@@ -517,20 +552,16 @@ if __name__ == "__main__":
 
 
 @pytest.mark.torch
-def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
-    out = tmp_path / "result.json"
-    proc = _launch(tmp_path, "save_error", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = [
-        json.loads((tmp_path / f"result.json.{r}").read_text()) for r in (0, 1)
-    ]
+def test_a_save_failing_on_one_rank_fails_on_every_rank(cases):
+    here = cases("save_error")
+    res = [json.loads((here / f"result.json.{r}").read_text()) for r in (0, 1)]
     assert "No such file or directory" in res[0]["first"], res
     # The same type on every rank, naming the rank that failed.
     kind = res[0]["first"].split(":")[0]
     assert res[1]["first"].startswith(f"{kind}: rank 0 failed"), res
     assert "No such file or directory" in res[1]["first"], res
     assert res[0]["loaded"] <= 1e-5, res
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in here.iterdir()) == [
         "m.keras",
         "result.json.0",
         "result.json.1",
@@ -581,13 +612,9 @@ def test_plain_python_process_runs_at_world_size_one(tmp_path):
 
 
 @pytest.mark.torch
-def test_a_wrap_failing_on_one_rank_rolls_back_every_rank(tmp_path):
-    out = tmp_path / "result.json"
-    proc = _launch(tmp_path, "wrap_error", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = [
-        json.loads((tmp_path / f"result.json.{r}").read_text()) for r in (0, 1)
-    ]
+def test_a_wrap_failing_on_one_rank_rolls_back_every_rank(cases):
+    here = cases("wrap_error")
+    res = [json.loads((here / f"result.json.{r}").read_text()) for r in (0, 1)]
     assert res[1]["first"] == "ValueError: rank 1 fails on purpose", res
     assert res[0]["first"].startswith("ValueError: rank 1 failed"), res
     for r in res:
