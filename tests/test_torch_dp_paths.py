@@ -2,9 +2,8 @@
 
 4 gloo ranks on 127.0.0.1 (hard timeout) as data=2 x model=2. Loading
 straight into shards (`TensorParallelKeras.build`) and `tp.generate` use
-the model-axis rank, so they equal one process with the same weights;
-torch checkpoints refuse a data axis with a ValueError before anything is
-read or written (the model and the directory are left as they were).
+the model-axis rank, so they equal one process with the same weights
+(checkpoints with a data axis: tests/test_torch_data_parallel.py).
 """
 
 from __future__ import annotations
@@ -82,31 +81,6 @@ def _generate_case() -> dict:
     }
 
 
-def _checkpoint_case(folder: str) -> dict:
-    """Save and load refuse, and change neither the model nor the files."""
-    import keras
-
-    from keras_tensor_parallel import TensorParallelKeras, catalogue
-
-    tp = TensorParallelKeras(catalogue.seed_mlp(), **MESH)
-    tp.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    before = [_np(v.value).copy() for v in tp.weights]
-    directory = os.path.join(folder, "ckpt")
-    os.makedirs(directory, exist_ok=True)
-    out = {}
-    for name in ("save_checkpoint", "load_checkpoint"):
-        try:
-            getattr(tp, name)(directory)
-            out[name] = None
-        except ValueError as e:
-            out[name] = str(e)
-    out["files"] = sorted(os.listdir(directory))
-    out["unchanged"] = all(
-        np.array_equal(a, _np(v.value)) for a, v in zip(before, tp.weights)
-    )
-    return out
-
-
 def worker(folder: str) -> None:
     """Runs in every rank (KERAS_BACKEND=torch)."""
     import torch.distributed as dist
@@ -115,12 +89,9 @@ def worker(folder: str) -> None:
 
     tc.ensure_process_group()
     rank = dist.get_rank()
-    own = os.path.join(folder, f"rank{rank}")
-    os.makedirs(own, exist_ok=True)
     res = {
         "load": _load_case(folder),
         "generate": _generate_case(),
-        "checkpoint": _checkpoint_case(own),
     }
     with open(os.path.join(folder, f"res.{rank}"), "w") as fh:
         json.dump(res, fh)
@@ -155,19 +126,6 @@ def test_generate_matches_one_process(results):
     for r in results:
         g = r["generate"]
         assert g["greedy"] == g["greedy_ref"], g
-
-
-@pytest.mark.torch
-def test_checkpoints_refuse_a_data_axis(results):
-    want = (
-        "on torch with tensor_parallel_size < world_size are not supported "
-        "yet; received world_size=4, tensor_parallel_size=2"
-    )
-    for r in results:
-        c = r["checkpoint"]
-        assert c["save_checkpoint"] and want in c["save_checkpoint"], c
-        assert c["load_checkpoint"] and want in c["load_checkpoint"], c
-        assert c["files"] == [] and c["unchanged"], c
 
 
 def test_build_on_tensorflow_is_refused():
