@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-HERE = os.path.abspath(__file__)
-TIMEOUT = 420
 MODELS = {
     "mlp": "seed-mlp",
     "attention": "seed-attention",
@@ -284,9 +281,12 @@ def plain(out_dir: str) -> None:
 def worker(out_dir: str) -> None:
     """Runs in every rank (KERAS_BACKEND=tensorflow)."""
     import tensorflow as tf
+    import test_tf_collectives
 
     from keras_tensor_parallel.backends import tensorflow_collectives as tc
 
+    # The collectives' own cases, first: one launch serves both files.
+    test_tf_collectives.worker(os.path.join(out_dir, "collectives"))
     for name in MODELS:
         parity(name, out_dir)
     clip(out_dir)
@@ -296,28 +296,11 @@ def worker(out_dir: str) -> None:
     tc.all_reduce(tf.constant(1.0))  # waits for rank 1, which never comes
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from ranks import launch
-
-    out = tmp_path_factory.mktemp("tf_engine")
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", OMP_NUM_THREADS="1")
-    env.pop("XLA_FLAGS", None)
-    env.pop("TF_CONFIG", None)
-    alone = subprocess.Popen(
-        [sys.executable, HERE, "plain", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        proc = launch(HERE, str(out), backend="tensorflow", timeout=TIMEOUT)
-        _, alone_err = alone.communicate(timeout=TIMEOUT)
-    finally:
-        alone.kill()
-    assert alone.returncode == 0, alone_err[-4000:]
-    return proc, out
+@pytest.fixture
+def run(tf_run):
+    """The launch `tf_run` (tests/conftest.py) made of this file's
+    `worker`, shared with test_tf_collectives."""
+    return tf_run
 
 
 def _results(run, name: str, ranks=(0, 1)) -> list[dict]:

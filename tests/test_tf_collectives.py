@@ -6,14 +6,10 @@ and an uneven gather against the math they stand for, eagerly and inside
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
-
-HERE = os.path.abspath(__file__)
-TIMEOUT = 120
 
 
 def _rel(got, want) -> float:
@@ -63,16 +59,14 @@ def worker(out_path: str) -> None:
 
 
 @pytest.mark.torch  # runs subprocesses of another backend, like torch's
-def test_tf_collectives_match_the_math(tmp_path):
-    from ranks import launch
-
-    proc = launch(
-        HERE, str(tmp_path / "res"), backend="tensorflow", timeout=TIMEOUT
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_tf_collectives_match_the_math(tf_run):
+    # `worker` runs in test_tensorflow_engine's launch (`tf_run`), first.
+    proc, out = tf_run
+    paths = [out / f"collectives.{r}" for r in (0, 1)]
+    assert all(p.exists() for p in paths), proc.stderr[-4000:]
     full = np.arange(30, dtype="float32").reshape(6, 5)
     for r in (0, 1):
-        res = json.loads((tmp_path / f"res.{r}").read_text())
+        res = json.loads(paths[r].read_text())
         assert res["n"] == 2 and res["sum"] == 3.0, res
         for mode in ("eager", "function"):
             assert res[f"{mode}_out"] <= 1e-5, res
