@@ -33,18 +33,24 @@ def _bound(reference) -> float:
     return 1e-5 * max(1.0, float(np.max(np.abs(reference))))
 
 
+# Gemma with 2 kv heads at N=4: each kv head shared by 2 devices (the
+# (model, model_copies) mesh).
+GEMMA_KV2 = ("gemma-small:tiny", {"num_key_value_heads": 2})
+
+
 @pytest.mark.parametrize(
-    "name, n, recompute",
+    "name, overrides, n, recompute",
     [
-        ("opt-125m:tiny", 4, "attention"),
-        ("gpt2:tiny", 4, None),  # odd vocab: the padded table
-        ("llama-small:tiny", 4, "attention"),  # GQA, untied logits
-        ("gemma-small:tiny", 4, None),  # replicated kv head, tied logits
+        ("opt-125m:tiny", {}, 4, "attention"),
+        ("gpt2:tiny", {}, 4, None),  # odd vocab: the padded table
+        ("llama-small:tiny", {}, 4, "attention"),  # GQA, untied logits
+        ("gemma-small:tiny", {}, 4, None),  # replicated kv head, tied
+        (*GEMMA_KV2, 4, "attention"),  # kv heads shared by 2 devices
     ],
 )
-def test_matches_one_device(name, n, recompute):
+def test_matches_one_device(name, overrides, n, recompute):
     # One block of the tiny config: every edge, compiled faster.
-    spec = catalogue.get(name).variant(num_layers=1)
+    spec = catalogue.get(name).variant(num_layers=1, **overrides)
     reference, candidate, _ = build_pair(spec.build)
     tp = TensorParallelKeras(
         candidate, world_size=n, sequence_parallel=True, recompute=recompute
@@ -73,12 +79,12 @@ SHAPE = dict(num_layers=1, hidden_dim=64, num_heads=4, intermediate_dim=256)
 BATCH, SEQ, N = 3, 128, 4
 
 
-def _compiled(n, **options):
-    spec = catalogue.get("opt-125m:tiny").variant(**SHAPE)
+def _compiled(n, spec=None, **options):
+    spec = spec or catalogue.get("opt-125m:tiny").variant(**SHAPE)
     keras.utils.set_random_seed(0)
     model = spec.build()
     x = spec.inputs(batch=BATCH, seq=SEQ)
-    y = np.zeros((BATCH, SEQ, SHAPE["hidden_dim"]), "float32")
+    y = np.zeros((BATCH, SEQ, spec.config["hidden_dim"]), "float32")
     tp = TensorParallelKeras(model, world_size=n, **options)
     tp.compile(optimizer="adam", loss="mse")
     return compile_train_step(tp, x, y)
@@ -138,6 +144,19 @@ def test_ring_traffic_equals_plain_tensor_parallel(steps):
         assert (c.kind == "all-reduce" and vectors) or (
             c.kind == "all-gather" and c.shapes == (table,)
         ), c
+
+
+def test_shared_kv_heads_memory_and_ring_traffic():
+    # The kv-head blocks are split over `model` only, the sequence over
+    # (model, model_copies): activations 1/N, same ring traffic.
+    name, overrides = GEMMA_KV2
+    spec = catalogue.get(name).variant(num_layers=1, **overrides)
+    tp, sp = _compiled(N, spec), _compiled(N, spec, sequence_parallel=True)
+    assert _temp(sp) < 0.75 * _temp(tp), (_temp(sp), _temp(tp))
+    ring_tp, _ = _activation_ring(tp)
+    ring_sp, kinds_sp = _activation_ring(sp)
+    assert {"all-gather", "reduce-scatter"} <= kinds_sp
+    assert ring_sp == ring_tp
 
 
 # Bad input ------------------------------------------------------------------

@@ -21,6 +21,10 @@ constraints, all-reduces and then slices on CPU (no reduce-scatter pass
 there). The einsums are the layers' own, per shard: the math is unchanged
 up to the order of the sums.
 
+Kv heads shared by several devices (world size above the kv head count,
+a `(model, model_copies)` mesh) split the sequence over both axes; each
+shared kv block is computed by the devices of its copy group.
+
 A call whose sequence length does not divide by N (a decode step of
 `generate`) and Keras's shape inference run the layers as plain tensor
 parallelism: same results, no split.
@@ -80,9 +84,18 @@ class Edges:
     """The mesh and the plan's kernel layouts, for the shard_maps."""
 
     def __init__(self, plan, mesh):
+        from keras_tensor_parallel.backends import jax_distribution as dist
+
         self.mesh = mesh.backend_mesh
         self.n = plan.world_size
-        self.axes = {e.path: tuple(e.axes) for e in plan}
+        self.axes = {e.path: dist.mesh_axes(e, mesh) for e in plan}
+        # With kv heads shared by several devices the model axis is
+        # (model, model_copies): the sequence is split over both, a shared
+        # kv block over `model` only (each copy group holds one).
+        self.shared = dist.COPIES_AXIS in mesh.axis_names
+        self.model = (
+            (MODEL_AXIS, dist.COPIES_AXIS) if self.shared else MODEL_AXIS
+        )
         # The batch is split over the data axis only when it has several
         # devices: over a 1-device axis, shard_map would add a no-op
         # all-reduce of every weight gradient.
@@ -101,16 +114,20 @@ class Edges:
         out = [self.data]
         for c in labels[1:]:
             if c == seq:
-                out.append(MODEL_AXIS)
+                out.append(self.model)
             elif c in kernel:
                 out.append(kspec[kernel.index(c)])
             else:
                 out.append(None)
         return PartitionSpec(*out)
 
-    def smap(self, fn, in_specs, out_specs):
+    def smap(self, fn, in_specs, out_specs, check_vma=True):
         return jax.shard_map(
-            fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs
+            fn,
+            mesh=self.mesh,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            check_vma=check_vma,
         )
 
 
@@ -145,7 +162,7 @@ def _row_call(layer, original, edges: Edges):
         def local(x, k):
             y = jax.numpy.einsum(eq, x, k)
             return jax.lax.psum_scatter(
-                y, MODEL_AXIS, scatter_dimension=seq, tiled=True
+                y, edges.model, scatter_dimension=seq, tiled=True
             )
 
         x_spec = edges.dims(x_l, None, k_l, kspec)
@@ -176,7 +193,7 @@ class _ColumnGroup:
         seq = x_l.index(x_l[1])
 
         def local(x, *kernels):
-            x = jax.lax.all_gather(x, MODEL_AXIS, axis=seq, tiled=True)
+            x = jax.lax.all_gather(x, self.edges.model, axis=seq, tiled=True)
             return tuple(
                 jax.numpy.einsum(e, x, k) for e, k in zip(eqs, kernels)
             )
@@ -187,7 +204,14 @@ class _ColumnGroup:
             for (_, k, o), s in zip(labels, kspecs)
         )
         kernels = [keras.ops.convert_to_tensor(m.kernel) for m in self.layers]
-        fn = self.edges.smap(local, (x_spec, *kspecs), o_specs)
+        # A shared kv block's output is the same on the devices of its
+        # copy group, which the type check cannot see (the gathered input
+        # varies over them). Unchecked, shard_map's transpose divides that
+        # output's gradient by the copies and sums the block's kernel
+        # gradient over them: exact, each block counted once.
+        fn = self.edges.smap(
+            local, (x_spec, *kspecs), o_specs, check_vma=not self.edges.shared
+        )
         return fn(inputs, *kernels)
 
     def call(self, layer, original, inputs, *args, **kwargs):
@@ -221,18 +245,18 @@ def _lookup(edges: Edges, ids, table):
 
     def local(ids, table):
         rows = table.shape[0]
-        ids = ids - jax.lax.axis_index(MODEL_AXIS) * rows
+        ids = ids - jax.lax.axis_index(edges.model) * rows
         hit = (ids >= 0) & (ids < rows)
         out = jax.numpy.take(table, jax.numpy.where(hit, ids, 0), axis=0)
         out = jax.numpy.where(hit[..., None], out, 0)
         return jax.lax.psum_scatter(
-            out, MODEL_AXIS, scatter_dimension=1, tiled=True
+            out, edges.model, scatter_dimension=1, tiled=True
         )
 
     rest = (None,) * (len(ids.shape) - 1)
     ids_spec = PartitionSpec(edges.data, *rest)
-    o_spec = PartitionSpec(edges.data, MODEL_AXIS, *rest[1:], None)
-    fn = edges.smap(local, (ids_spec, PartitionSpec(MODEL_AXIS)), o_spec)
+    o_spec = PartitionSpec(edges.data, edges.model, *rest[1:], None)
+    fn = edges.smap(local, (ids_spec, PartitionSpec(edges.model)), o_spec)
     return fn(ids, table)
 
 
@@ -251,7 +275,7 @@ def _logits(layer, edges: Edges, x):
         x, kernel = keras.ops.cast(x, dtype), keras.ops.cast(kernel, dtype)
 
     def local(x, k):
-        x = jax.lax.all_gather(x, MODEL_AXIS, axis=1, tiled=True)
+        x = jax.lax.all_gather(x, edges.model, axis=1, tiled=True)
         return jax.numpy.einsum(eq, x, k)
 
     x_spec = edges.dims(lead + "h", lead[1])
@@ -367,14 +391,6 @@ def install(model, plan, mesh, journal) -> int:
     install(model, engine.plan, engine.mesh, base.Journal())
     ```
     """
-    from keras_tensor_parallel.backends.jax_distribution import mesh_copies
-
-    if mesh_copies(plan) > 1:
-        raise ValueError(
-            "sequence_parallel=True does not support kv heads shared by "
-            "several devices yet (world size above the kv head count). "
-            f"Received: copies={mesh_copies(plan)}"
-        )
     edges = region_edges(model, plan)
     if not any(side == ROW for _, side in edges.values()):
         raise ValueError(
