@@ -18,6 +18,7 @@ import pytest
 HERE = os.path.abspath(__file__)
 TIMEOUT = 180
 MESH = dict(world_size=4, tensor_parallel_size=2, distributed_backend="torch")
+AUTO = dict(MESH, tensor_parallel_size="auto")
 
 
 def _np(x) -> np.ndarray:
@@ -81,6 +82,54 @@ def _generate_case() -> dict:
     }
 
 
+def _nbytes(variables) -> int:
+    return sum(int(v.value.numel()) * v.value.element_size() for v in variables)
+
+
+def _auto_case() -> dict:
+    """`tensor_parallel_size="auto"`: the needs at T = 1, 2, 4 computed
+    here, a budget between T=1's and T=2's; the wrapped ranks' parameter,
+    Adam and saved-activation bytes against T=2's figures."""
+    import contextlib
+    import io
+
+    import keras
+
+    from keras_tensor_parallel import (
+        TensorParallelKeras,
+        autosize_torch,
+        catalogue,
+    )
+    from keras_tensor_parallel.comms import steps
+
+    keras.utils.set_random_seed(0)
+    model = catalogue.seed_mlp()
+    act = autosize_torch.ActivationPass.run(model, None, 4)
+    needs = {t: autosize_torch.measure(model, 4, t, act) for t in (1, 2, 4)}
+    out = {"totals": {t: n.total for t, n in needs.items()}}
+    try:  # nothing fits: the same error on every rank, nothing wrapped
+        TensorParallelKeras(model, device_memory=needs[4].total - 1, **AUTO)
+    except ValueError as e:
+        out["error"] = str(e)
+    out["unwrapped"] = not getattr(model, "_tp_wrapped", False)
+    printed = io.StringIO()
+    budget = (needs[1].total + needs[2].total) // 2
+    with contextlib.redirect_stdout(printed):
+        tp = TensorParallelKeras(model, device_memory=budget, **AUTO)
+    out["printed"] = printed.getvalue()
+    out["mesh"] = [tp.data_parallel_size, tp.tensor_parallel_size]
+    out["params"] = [_nbytes(tp.wrapped_model.variables), needs[2].params]
+    x = steps.example_inputs(model, batch_size=4, seq_len=128)
+    y = steps.example_targets(model, batch_size=4, seq_len=128)
+    tp.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    tp.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    out["optimizer"] = [_nbytes(tp.optimizer.variables), needs[2].optimizer]
+    # A replica trains on 2 of the 4 rows: what autograd keeps there.
+    saved = autosize_torch.saved_tensors(tp.wrapped_model, x[:2], y[:2])
+    out["activations"] = [sum(s.nbytes for s in saved), needs[2].activations]
+    return out
+
+
 def worker(folder: str) -> None:
     """Runs in every rank (KERAS_BACKEND=torch)."""
     import torch.distributed as dist
@@ -92,6 +141,7 @@ def worker(folder: str) -> None:
     res = {
         "load": _load_case(folder),
         "generate": _generate_case(),
+        "auto": _auto_case(),
     }
     with open(os.path.join(folder, f"res.{rank}"), "w") as fh:
         json.dump(res, fh)
@@ -126,6 +176,29 @@ def test_generate_matches_one_process(results):
     for r in results:
         g = r["generate"]
         assert g["greedy"] == g["greedy_ref"], g
+
+
+@pytest.mark.torch
+def test_auto_size_is_computed_alike_on_every_rank(results):
+    autos = [r["auto"] for r in results]
+    first = autos[0]
+    for a in autos:
+        assert a["totals"] == first["totals"], autos  # same on every rank
+        assert a["mesh"] == [2, 2], a
+        assert a["unwrapped"] and "smallest need is" in a["error"], a
+        assert a["error"] == first["error"]
+        # The figures behind the choice are what each rank then holds.
+        assert a["params"][0] == a["params"][1], a
+        assert a["optimizer"][0] == a["optimizer"][1], a
+        assert a["activations"][0] == a["activations"][1], a
+    totals = {int(t): v for t, v in first["totals"].items()}
+    assert totals[1] > totals[2] > totals[4]
+    # Rank 0 prints the table autosize prints on JAX; the others nothing.
+    shown = first["printed"]
+    assert "tensor_parallel_size='auto': 2" in shown, shown
+    assert "2 x 2" in shown and "<- chosen" in shown and "activations" in shown
+    assert "1 x 4" not in shown  # stopped at the first size that fits
+    assert all(not a["printed"] for a in autos[1:])
 
 
 def test_build_on_tensorflow_is_refused():

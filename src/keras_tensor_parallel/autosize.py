@@ -9,12 +9,18 @@ them plus temporaries (activations kept for backward, gradients). The
 first T whose need fits `device_memory` is the choice; the rest of the
 devices are data parallel. Optimizer slots are never allocated here (they
 are shapes with layouts), and the model is unwrapped after each try.
+
+The table (`Choice`), the size loop (`smallest_fit`) and its error are
+shared with the torch engine, where the need is computed instead
+(`autosize_torch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
+from typing import ClassVar
 
 _UNITS = {
     "": 1,
@@ -89,9 +95,16 @@ class Need:
     aliased: int
     temp: int
 
+    columns: ClassVar = ("params", "optimizer", "XLA args", "temp")
+    source: ClassVar = "from XLA's compiled train step"
+
     @property
     def total(self) -> int:
         return self.arguments + self.outputs - self.aliased + self.temp
+
+    def figures(self) -> tuple[int, ...]:
+        """The table's figures, in `columns` order."""
+        return (self.params, self.optimizer, self.arguments, self.temp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +116,16 @@ class Choice:
     needs: tuple[Need, ...]
 
     def table(self) -> str:
-        """A small fixed-width table, one row per size tried."""
+        """A small fixed-width table, one row per size tried (the columns
+        of the engine's `Need`)."""
         from keras_tensor_parallel.plan import format_bytes
 
-        head = ("mesh", "params", "optimizer", "XLA args", "temp", "need")
+        kind = type(self.needs[0])
+        head = ("mesh", *kind.columns, "need")
         rows = [
             (
                 f"{n.data_parallel_size} x {n.tensor_parallel_size}",
-                *map(format_bytes, (n.params, n.optimizer, n.arguments)),
-                format_bytes(n.temp),
+                *map(format_bytes, n.figures()),
                 format_bytes(n.total)
                 + (
                     "  <- chosen"
@@ -125,11 +139,52 @@ class Choice:
         lines = [
             f"tensor_parallel_size='auto': {self.tensor_parallel_size} "
             f"(device_memory {format_bytes(self.device_memory)}; per device, "
-            "Adam, from XLA's compiled train step; mesh = data x model)"
+            f"Adam, {kind.source}; mesh = data x model)"
         ]
         for r in [head, *rows]:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         return "\n".join(line.rstrip() for line in lines)
+
+
+def divisors(n: int) -> list[int]:
+    """The tensor-parallel sizes `auto` tries on `n` devices."""
+    return [t for t in range(1, n + 1) if n % t == 0]
+
+
+def smallest_fit(
+    measure_at: Callable[[int], object],
+    world_size: int,
+    device_memory,
+    *,
+    sizes: list[int] | None = None,
+    verbose: bool = True,
+) -> Choice:
+    """The first of `sizes` (default: the divisors of `world_size`,
+    smallest first) whose `measure_at(t).total` fits `device_memory`;
+    shared by the JAX and torch engines, so both print the same table and
+    raise the same error.
+
+    Raises:
+        ValueError: when none fits, naming the smallest need.
+    """
+    limit = parse_memory(device_memory)
+    needs = []
+    for t in sizes or divisors(world_size):
+        needs.append(measure_at(t))
+        if needs[-1].total <= limit:
+            choice = Choice(t, limit, tuple(needs))
+            if verbose:
+                print(choice.table())
+            return choice
+    from keras_tensor_parallel.plan import format_bytes
+
+    best = min(needs, key=lambda x: x.total)
+    raise ValueError(
+        f"No tensor-parallel size fits device_memory: the smallest need is "
+        f"{format_bytes(best.total)} per device at tensor_parallel_size="
+        f"{best.tensor_parallel_size} (of {world_size} devices). Received: "
+        f"device_memory={device_memory!r} ({format_bytes(limit)})"
+    )
 
 
 def choose(
@@ -140,6 +195,7 @@ def choose(
     overrides: dict | None = None,
     batch=None,
     verbose: bool = True,
+    sizes: list[int] | None = None,
 ) -> Choice:
     """The smallest divisor T of `len(ids)` at which one device's train
     step fits `device_memory` (see the module docstring).
@@ -153,6 +209,8 @@ def choose(
             `len(ids)` rows of example inputs (sequences of 128) and zero
             targets under MSE.
         verbose: Print the choice and its table.
+        sizes: The sizes to try, smallest first (default: every divisor
+            of `len(ids)`; the CLI keeps those its batch divides over).
 
     Raises:
         ValueError: when no T fits, naming the smallest need.
@@ -164,24 +222,12 @@ def choose(
     print(choice.table())
     ```
     """
-    limit = parse_memory(device_memory)
-    n = len(ids)
-    needs = []
-    for t in [t for t in range(1, n + 1) if n % t == 0]:
-        needs.append(measure(model, ids, t, overrides=overrides, batch=batch))
-        if needs[-1].total <= limit:
-            choice = Choice(t, limit, tuple(needs))
-            if verbose:
-                print(choice.table())
-            return choice
-    from keras_tensor_parallel.plan import format_bytes
-
-    best = min(needs, key=lambda x: x.total)
-    raise ValueError(
-        f"No tensor-parallel size fits device_memory: the smallest need is "
-        f"{format_bytes(best.total)} per device at tensor_parallel_size="
-        f"{best.tensor_parallel_size} (of {n} devices). Received: "
-        f"device_memory={device_memory!r} ({format_bytes(limit)})"
+    return smallest_fit(
+        lambda t: measure(model, ids, t, overrides=overrides, batch=batch),
+        len(ids),
+        device_memory,
+        sizes=sizes,
+        verbose=verbose,
     )
 
 
@@ -213,7 +259,7 @@ def _measure(model, engine, t: int, batch) -> Need:
         steps.example_targets(model, batch_size=n, seq_len=128),
     )
     probe = _probe_class()(model)
-    probe.compile(optimizer=keras.optimizers.Adam(), loss=_loss(model, y))
+    probe.compile(optimizer=keras.optimizers.Adam(), loss=train_loss(y))
     with engine.scope():
         with unallocated():  # slots as shapes with layouts: no memory
             probe.optimizer.build(probe.trainable_variables)
@@ -263,7 +309,7 @@ def _probe_class():
     return Probe
 
 
-def _loss(model, y):
+def train_loss(y):
     """MSE for float targets shaped like the output; sparse cross-entropy
     on logits for integer targets (a token LM)."""
     import keras

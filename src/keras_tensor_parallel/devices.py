@@ -158,8 +158,10 @@ def tensor_parallel_size(
 
     `size="auto"` with `device_memory` (bytes, or a string like `"16GB"`)
     measures `model`'s train step at each divisor, smallest first, and
-    takes the first that fits one device (`autosize.choose`; it prints
-    the choice and its figures).
+    takes the first that fits one device (JAX: `autosize.choose`, from
+    XLA's compiled step; torch: `autosize_torch.choose`, computed from the
+    plan's shards and a measured activation pass); it prints the choice
+    and its figures.
     """
     if device_memory is not None and size != "auto":
         raise ValueError(
@@ -194,11 +196,12 @@ def tensor_parallel_size(
 def _auto_size(ids, backend, model, device_memory, overrides) -> int:
     from keras_tensor_parallel import autosize
 
-    if backend != "jax":
+    if backend not in ("jax", "torch"):
         raise ValueError(
-            "tensor_parallel_size='auto' measures XLA's compiled train "
-            "step: it runs on the JAX engine only. Received: "
-            f"tensor_parallel_size='auto' on the {backend} engine"
+            "tensor_parallel_size='auto' measures the train step on the JAX "
+            "engine (XLA's memory analysis) and computes it on the torch "
+            f"engine. Received: tensor_parallel_size='auto' on the {backend} "
+            "engine"
         )
     if device_memory is None:
         raise ValueError(
@@ -207,5 +210,14 @@ def _auto_size(ids, backend, model, device_memory, overrides) -> int:
             "tensor_parallel_size='auto' without device_memory"
         )
     autosize.parse_memory(device_memory)  # a bad value fails before work
-    choice = autosize.choose(model, ids, device_memory, overrides=overrides)
+    if backend == "torch":
+        from keras_tensor_parallel import autosize_torch
+        from keras_tensor_parallel.backends import torch_collectives as tc
+
+        # Every rank computes the same choice from shapes; rank 0 prints.
+        choice = autosize_torch.choose(
+            model, len(ids), device_memory, overrides=overrides,
+            verbose=tc.rank() == 0)  # fmt: skip
+    else:
+        choice = autosize.choose(model, ids, device_memory, overrides=overrides)
     return choice.tensor_parallel_size
