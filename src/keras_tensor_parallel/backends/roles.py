@@ -187,6 +187,7 @@ class Region:
     def __init__(self):
         self._input = None
         self._entered = None
+        self.on_close: list = []  # called when a row ends the region
 
     def enter(self, x, comm: Collectives):
         if not comm.is_tensor(x):
@@ -197,6 +198,8 @@ class Region:
 
     def close(self) -> None:
         self._input = self._entered = None
+        for hook in self.on_close:
+            hook()
 
 
 @dataclasses.dataclass

@@ -1,0 +1,229 @@
+"""Plans for the torch engine: the planner's regions that a rank running
+the model's own code on its local shards can play (issue 12).
+
+`plan_model(..., slice_operands=False)` keeps everything XLA alone could
+run: no unsplit full-size operand may meet a split, no expert bank split
+on its expert dim, no sum ending a region. This planner keeps those rules
+but also lets torch
+
+- pad heads (or features) that do not divide N: on torch a shard is its
+  rank's `ceil(n / N)` real heads (`roles.shard_sizes`; the last ranks
+  hold fewer), which is the plan's padded per-device shape on rank 0 and
+  less elsewhere; no zero head is stored or computed, so the result is
+  exact without one;
+- share kv heads fewer than N (vLLM's duplication): each rank holds the kv
+  head its query heads read (`torch_heads.py` plays it);
+- split an expert bank whose output is cut into equal parts along the
+  split dim (Qwen3-MoE's fused gate/up, `ops.split(gate_up, 2, -1)`):
+  each rank holds its block of every part (`FUSED`, `torch_heads.py`).
+
+It reuses the planner's region growth (`plan/regions.py`) with the XLA-only
+steps switched off, so every other decision is the plain torch plan's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from keras_tensor_parallel.backends.roles import shard_sizes
+from keras_tensor_parallel.plan import ShardingPlan
+from keras_tensor_parallel.plan import graph as graph_lib
+from keras_tensor_parallel.plan import propagate as prop
+from keras_tensor_parallel.plan.decisions import Planner
+from keras_tensor_parallel.plan.overrides import apply_overrides
+from keras_tensor_parallel.plan.plan import VariablePlan
+from keras_tensor_parallel.plan.planner import is_leaf
+from keras_tensor_parallel.plan.regions import RegionGrower, dim_of
+from keras_tensor_parallel.plan.validation import (
+    check_built,
+    validate_world_size,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchVariablePlan(VariablePlan):
+    """A `VariablePlan` with what torch needs beyond it.
+
+    Attributes:
+        parts: A column split of a kernel whose split dim holds `parts`
+            equal parts (fused gate/up): each rank holds its block of every
+            part, side by side (`per_device_shape` is the plain split's).
+        sum_grad: A replicated variable applied to split tensors (Qwen3's
+            per-head query/key norm scale): each rank's gradient covers its
+            heads only and is summed over the model axis.
+    """
+
+    parts: int = 1
+    sum_grad: bool = False
+
+
+def plan_torch(model, world_size: int, *, overrides=None) -> ShardingPlan:
+    """`plan_model` for the torch engine (see the module docstring).
+
+    Args:
+        model: A built Keras model.
+        world_size: Ranks on the model axis.
+        overrides: As for `plan_model`.
+
+    Returns:
+        The `ShardingPlan` (fused kernels as `TorchVariablePlan`).
+
+    Example:
+
+    ```python
+    plan = plan_torch(model, 4)  # 2 kv heads: copies=2 on key/value
+    ```
+    """
+    validate_world_size(world_size)
+    check_built(model)
+    graph = graph_lib.extract_graph(model, is_leaf=is_leaf)
+    planner = Planner(
+        model, graph, world_size, slice_operands=False, op_projections=True
+    )
+    grower = TorchGrower(planner.grower)
+    planner.grower = grower
+    entries = planner.run()
+    partial = _partial_paths(graph, planner)
+    entries = [
+        _torch_entry(e, grower.fused, partial, world_size) for e in entries
+    ]
+    plan = ShardingPlan(world_size, tuple(entries), model_name=model.name)
+    if overrides:
+        plan = apply_overrides(plan, overrides)
+    return plan
+
+
+def _partial_paths(graph, planner) -> set[str]:
+    """Paths of replicated trainable variables an op applies to a split
+    tensor (not a projection's own: a row's bias is added after g)."""
+    found = set()
+    for node in graph.nodes:
+        if node.index in planner.projections:
+            continue
+        if not any(id(x) in planner.split_tensors for x in node.inputs):
+            continue
+        read = [
+            a
+            for a in keras.tree.flatten((node.args, node.kwargs))
+            if isinstance(a, keras.Variable)
+        ]
+        if isinstance(node.op, keras.layers.Layer):
+            read += node.op.trainable_variables
+        found.update(v.path for v in read if v.trainable)
+    return found
+
+
+def _torch_entry(entry, fused: dict, partial: set, n: int) -> VariablePlan:
+    """The entry as torch stores it: padded dims as uneven shards, fused
+    kernels and partial gradients as `TorchVariablePlan`."""
+    if entry.path in partial and not entry.is_split:
+        data = {
+            f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)
+        }
+        reason = (
+            f"{entry.reason}; applied to split heads: its gradient is "
+            "summed over the model axis"
+        )
+        return TorchVariablePlan(**{**data, "reason": reason, "sum_grad": True})
+    if entry.padded_shape is not None and entry.is_split:
+        size = entry.shape[entry.split_dim]
+        sizes = ", ".join(map(str, shard_sizes(size, n)))
+        reason = (
+            f"{entry.reason}; on torch the ranks hold {sizes} of the "
+            f"{size} (no zeros stored)"
+        )
+        return dataclasses.replace(entry, reason=reason)
+    parts = fused.get(entry.path, 1)
+    if parts == 1 or not entry.is_split:
+        return entry
+    size = entry.shape[entry.split_dim] // parts
+    reason = (
+        f"column-parallel inside each expert: fused {parts} x {size} "
+        f"features, each rank holds its {size // n}-feature block of every "
+        "part; " + entry.reason.split("; ", 1)[-1]
+    )
+    data = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)}
+    return TorchVariablePlan(**{**data, "reason": reason, "parts": parts})
+
+
+class TorchGrower(RegionGrower):
+    """The planner's region growth with padding and shared kv heads on,
+    and every step that needs XLA to slice or reshard off.
+
+    Args:
+        base: The planner's own grower (same graph and state).
+    """
+
+    def __init__(self, base: RegionGrower):
+        super().__init__(
+            base.graph, base.n, base.proj_at, base.rules, base.decided,
+            base.split_tensors, slice_operands=True,
+        )  # fmt: skip
+        self.fused: dict[str, int] = {}  # kernel path -> parts
+        self._pending: dict[int, tuple] = {}  # id(projection) -> parts
+
+    def grow(self, proj, label, recruit, pad=False):
+        self._pending = {}
+        region = super().grow(proj, label, recruit, pad)
+        for p, parts in self._pending.values():
+            if id(p) in region.columns:
+                self.fused[p.kernel.path] = parts
+        return region
+
+    def _groups_heads(self, region, node, t, d) -> bool:
+        return False  # the per-rank reshape would need the full kv count
+
+    def _ends_with_sum(self, region, node, dims) -> bool:
+        return False
+
+    def _add_batch(self, region, proj, label) -> None:
+        raise prop.Conflict(
+            f"{proj.name}: the torch engine splits experts inside each "
+            "expert, not over devices"
+        )
+
+    def _visit(self, region, node, recruit: bool) -> None:
+        if self._fused_split(region, node):
+            return
+        super()._visit(region, node, recruit)
+
+    def _fused_split(self, region, node) -> bool:
+        """A column output cut into equal parts along its split dim: each
+        part is split, each rank holding its block of every part."""
+        if node.type_name not in ("Split", "ArraySplit") or region.pad:
+            return False
+        x = node.inputs[0]
+        d = region.split.get(id(x))
+        if d is None or node.op.axis % len(x.shape) != d:
+            return False
+        sections = node.op.indices_or_sections
+        producer = self.graph.producer.get(id(x))
+        proj = self.proj_at.get(producer) if producer is not None else None
+        if not isinstance(sections, int) or proj is None:
+            return False
+        if id(proj) not in region.columns or len(proj.nodes) != 1:
+            return False
+        _, label = region.columns[id(proj)]
+        if dim_of(proj.rule.output_spec, x, label) != d:
+            return False
+        if x.shape[d] % (sections * self.n):
+            raise prop.Conflict(
+                f"{proj.name}: {sections} fused parts of "
+                f"{x.shape[d] // sections} do not divide by {self.n}"
+            )
+        region.visited[node.index] = node
+        self._pending[id(proj)] = (proj, sections)
+        for t in node.outputs:
+            self._set_split(region, t, d)
+        return True
+
+    def _check_complete(self, region) -> None:
+        for name, x in region.full_operands:
+            if id(x) not in region.split:
+                raise prop.Conflict(
+                    f"{name}: an unsplit full-size tensor meets the split "
+                    "dim (a torch rank cannot slice it)"
+                )
+        super()._check_complete(region)
