@@ -105,7 +105,7 @@ class TorchEngine:
             self.groups = tg.new_mesh_groups(plan.world_size)
             model_rank, group = self.groups.model_rank, self.groups.model_group
         self.model_rank = model_rank  # this rank's place in its plan
-        self._styles = roles.styles_for(group)
+        self._styles = roles.styles_for(group, plan)  # kv subgroups
         self._shard = roles.Shard(model_rank, plan.world_size, roles.Region())
         self._journal = base.Journal()
         self._split: list = []
@@ -162,6 +162,7 @@ class TorchEngine:
                 raise ValueError(f"Plan names unknown layer {path!r}.")
             style = roles.layer_style(entries, self._styles)
             style.install(layers[path], self._shard, self._journal)
+        roles.sum_partial_grads(model, self.plan, self._styles, self._journal)
         _retrack(model)
 
     def _split_layers(self) -> dict:
