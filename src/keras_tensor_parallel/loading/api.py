@@ -202,6 +202,10 @@ def _loading_backend(distributed_backend) -> str:
 
 def _plan(model, size, ids, overrides, backend: str):
     size = devices_lib.tensor_parallel_size(size, ids, backend)
+    if backend == "torch":  # padded and shared heads, fused experts
+        from keras_tensor_parallel.backends.torch_plan import plan_torch
+
+        return plan_torch(model, size, overrides=overrides)
     # As `TensorParallelKeras(...)`: the torch engine runs the model's own
     # code per rank and cannot slice unsplit operands.
     return planner.plan_model(
