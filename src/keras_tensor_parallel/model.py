@@ -16,15 +16,6 @@ from keras_tensor_parallel.plan import ShardingPlan, plan_model
 from keras_tensor_parallel.plan.planner import check_built
 
 
-def _zero_module(engine):
-    """The engine's ZeRO-1 module (`shard_optimizer_state`)."""
-    if engine.name == "torch":
-        from keras_tensor_parallel.backends import torch_zero
-
-        return torch_zero
-    return _zero
-
-
 class TensorParallelKeras(keras.Model):
     """A Keras model split Megatron-style across devices.
 
@@ -58,9 +49,9 @@ class TensorParallelKeras(keras.Model):
         device_memory: Bytes per device for `tensor_parallel_size="auto"`,
             an int or a string such as `"16GB"` or `"80GiB"`.
         zero_stage: `1` splits optimizer slots over the data axis too
-            (ZeRO stage 1, JAX and torch): each device keeps 1/(data x
-            model) of a replica's optimizer state; `0` (default)
-            replicates them over the data axis.
+            (ZeRO stage 1, JAX): each device keeps 1/(data x model) of a
+            replica's optimizer state; `0` (default) replicates them
+            over the data axis.
         sequence_parallel: Split the activations between tensor-parallel
             regions (norms, dropout, residual adds) along the sequence
             (Megatron-SP, JAX): same math and ring traffic, less
@@ -239,7 +230,7 @@ class TensorParallelKeras(keras.Model):
         with engine.scope():
             engine.prepare_state(self)
             if self._tp_zero_stage:
-                _zero_module(engine).shard_optimizer_state(self)
+                _zero.shard_optimizer_state(self)
             with engine.guard(self):
                 return method(*args, **kwargs)
 
@@ -423,13 +414,10 @@ def _check_activations(sequence_parallel, recompute, backend: str) -> None:
             f"recompute must be one of {RECOMPUTE}. Received: "
             f"recompute={recompute!r:.80}"
         )
-    # torch splits the sequence (backends/torch_sequence.py), not recompute.
-    torch_ok = backend == "torch" and not recompute
-    if (sequence_parallel or recompute) and backend != "jax" and not torch_ok:
+    if (sequence_parallel or recompute) and backend != "jax":
         raise ValueError(
-            "sequence_parallel runs on the JAX and torch engines, recompute "
-            "on the JAX engine only for now: use KERAS_BACKEND=jax, or leave "
-            "them off. Received: "
+            "sequence_parallel and recompute run on the JAX engine only "
+            "for now: use KERAS_BACKEND=jax, or leave them off. Received: "
             f"sequence_parallel={sequence_parallel}, recompute={recompute!r}"
             f" on backend {backend!r}"
         )
