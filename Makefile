@@ -21,7 +21,7 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: install lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1500
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1500 --durations=25
 
 main: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 \

@@ -40,6 +40,7 @@ from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_groups as tg
 from keras_tensor_parallel.backends import torch_roles as roles
+from keras_tensor_parallel.backends import torch_sequence
 from keras_tensor_parallel.backends.torch_clipping import install_clipping
 from keras_tensor_parallel.backends.torch_collectives import (  # noqa: F401
     COUNTS,
@@ -109,6 +110,7 @@ class TorchEngine:
         self._shard = roles.Shard(model_rank, plan.world_size, roles.Region())
         self._journal = base.Journal()
         self._split: list = []
+        self.sequence_parallel = False
 
     @property
     def is_main(self) -> bool:
@@ -122,9 +124,14 @@ class TorchEngine:
         base.check_plan_matches([_Full(v) for v in variables], self.plan)
         if self.plan.world_size == 1:
             return  # nothing to split, nothing to communicate
+        sequence = None
+        if self.sequence_parallel:  # refused here, before any change
+            sequence = torch_sequence.plan_sequence(model, self.plan)
         saved: list = []
         failed = tc.first_error(
-            _attempt(self._partition, model, variables, saved, checkpoint)
+            _attempt(
+                self._partition, model, variables, saved, checkpoint, sequence
+            )
         )
         if failed is None:
             # Every rank runs the same check on the same shapes; agreeing
@@ -142,7 +149,7 @@ class TorchEngine:
             if roles.is_split(v)
         ]
 
-    def _partition(self, model, variables, saved, checkpoint) -> None:
+    def _partition(self, model, variables, saved, checkpoint, sequence):
         for v, entry in zip(variables, self.plan.variables):
             checkpoint()
             if roles.is_split(v):
@@ -163,6 +170,8 @@ class TorchEngine:
             style = roles.layer_style(entries, self._styles)
             style.install(layers[path], self._shard, self._journal)
         roles.sum_partial_grads(model, self.plan, self._styles, self._journal)
+        if sequence is not None:
+            torch_sequence.install(self, model, sequence, self._journal)
         _retrack(model)
 
     def _split_layers(self) -> dict:
@@ -211,11 +220,12 @@ class TorchEngine:
         return None
 
     def set_activations(self, *, sequence_parallel: bool, recompute) -> None:
-        """Only plain tensor parallelism here (sequence parallelism and
-        recomputation are JAX-only)."""
+        """Before `apply`: split the activations between regions along
+        the sequence (`torch_sequence.py`). Recomputation is JAX-only."""
         base.refuse_activations(
-            "torch", sequence_parallel=sequence_parallel, recompute=recompute
+            "torch", sequence_parallel=False, recompute=recompute
         )
+        self.sequence_parallel = sequence_parallel
 
     @contextlib.contextmanager
     def guard(self, tp_model):
