@@ -405,6 +405,7 @@ def _run_comms(args) -> int:
             max_length=args.seq_len,
             prompt_length=args.prompt_len,
             sampler=args.sampler,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     else:
         result = analyze(

@@ -401,6 +401,7 @@ def analyze_model(
     max_length: int = 32,
     prompt_length: int = 8,
     sampler="greedy",
+    tensor_parallel_size: int | None = None,
 ) -> DecodeReport:
     """Wrap `model` and account its decode step (`keras-tp comms
     --generate`).
@@ -413,6 +414,8 @@ def analyze_model(
         batch_size, max_length, prompt_length: As for `analyze_decode`.
         sampler: The sampler to compile with (`"greedy"`, `"top_k"`, or a
             `keras_hub.samplers.Sampler`).
+        tensor_parallel_size: The model axis (default `world_size`); the
+            rest is data parallel, each replica decoding its rows.
 
     Example:
 
@@ -424,7 +427,11 @@ def analyze_model(
     from keras_tensor_parallel import generation
     from keras_tensor_parallel.model import TensorParallelKeras
 
-    tp = TensorParallelKeras(generation.as_causal_lm(model), world_size)
+    tp = TensorParallelKeras(
+        generation.as_causal_lm(model),
+        world_size,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     generation.set_sampler(tp, sampler)
     return analyze_decode(
         tp,
