@@ -152,6 +152,8 @@ def tensor_parallel_size(
     model=None,
     device_memory=None,
     overrides: dict | None = None,
+    batch=None,
+    sizes: list[int] | None = None,
 ) -> int:
     """The model-axis size: `size` (default all of `ids`), a positive
     divisor of `len(ids)`; data parallelism on the JAX and torch engines.
@@ -161,7 +163,8 @@ def tensor_parallel_size(
     takes the first that fits one device (JAX: `autosize.choose`, from
     XLA's compiled step; torch: `autosize_torch.choose`, computed from the
     plan's shards and a measured activation pass); it prints the choice
-    and its figures.
+    and its figures. `batch` (`(inputs, targets)`, one global batch) and
+    `sizes` (the divisors to try) are passed on (the CLI's).
     """
     if device_memory is not None and size != "auto":
         raise ValueError(
@@ -170,7 +173,9 @@ def tensor_parallel_size(
             f"tensor_parallel_size={size!r}"
         )
     if isinstance(size, str) and size == "auto":
-        return _auto_size(ids, backend, model, device_memory, overrides)
+        return _auto_size(
+            ids, backend, model, device_memory,
+            dict(overrides=overrides, batch=batch, sizes=sizes))  # fmt: skip
     if size is None:
         return len(ids)
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
@@ -193,7 +198,7 @@ def tensor_parallel_size(
     return size
 
 
-def _auto_size(ids, backend, model, device_memory, overrides) -> int:
+def _auto_size(ids, backend, model, device_memory, options: dict) -> int:
     from keras_tensor_parallel import autosize
 
     if backend not in ("jax", "torch"):
@@ -216,8 +221,8 @@ def _auto_size(ids, backend, model, device_memory, overrides) -> int:
 
         # Every rank computes the same choice from shapes; rank 0 prints.
         choice = autosize_torch.choose(
-            model, len(ids), device_memory, overrides=overrides,
-            verbose=tc.rank() == 0)  # fmt: skip
+            model, len(ids), device_memory, verbose=tc.rank() == 0,
+            **options)  # fmt: skip
     else:
-        choice = autosize.choose(model, ids, device_memory, overrides=overrides)
+        choice = autosize.choose(model, ids, device_memory, **options)
     return choice.tensor_parallel_size
