@@ -36,11 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from keras_tensor_parallel.backends import base
+from keras_tensor_parallel.backends import base, torch_sequence
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_groups as tg
 from keras_tensor_parallel.backends import torch_roles as roles
-from keras_tensor_parallel.backends import torch_sequence
 from keras_tensor_parallel.backends.torch_clipping import install_clipping
 from keras_tensor_parallel.backends.torch_collectives import (  # noqa: F401
     COUNTS,

@@ -22,11 +22,31 @@ from keras_tensor_parallel.backends import base
 # Collectives issued by f, g and the vocab gather, for accounting in tests
 # and benchmarks: {"forward": all-reduces in forward, "backward": ...}.
 COUNTS = {"forward": 0, "backward": 0, "gather": 0}
+# Sequence-parallel edges (`torch_sequence.py`): all-gathers and
+# reduce-scatters along the sequence, and the all-reduces of replicated
+# parameters' partial gradients.
+SEQ_COUNTS = {"all_gather": 0, "reduce_scatter": 0, "param_all_reduce": 0}
+# Ring bytes sent per rank by the activation collectives above (f, g, the
+# vocab gather and the sequence edges): an all-reduce of B bytes sends
+# 2(N-1)/N B, an all-gather or reduce-scatter (N-1)/N of the full tensor;
+# "params" holds the replicated parameters' gradient all-reduces.
+RING = {"all-reduce": 0.0, "all-gather": 0.0, "reduce-scatter": 0.0}
+RING["params"] = 0.0
 
 
 def reset_counts() -> None:
-    for key in COUNTS:
-        COUNTS[key] = 0
+    for counts in (COUNTS, SEQ_COUNTS, RING):
+        for key in counts:
+            counts[key] = 0
+
+
+def _ring(kind: str, full, group, factor: float = 1.0) -> None:
+    """Add the ring bytes of one collective on the full tensor `full`."""
+    if torch.compiler.is_compiling():
+        return
+    n = dist.get_world_size(group)
+    size = full.numel() * full.element_size()
+    RING[kind] += factor * size * (n - 1) / n
 
 
 def _count(key: str) -> None:
@@ -111,6 +131,7 @@ class _F(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         _count("backward")
+        _ring("all-reduce", grad, ctx.group, 2.0)
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -122,6 +143,7 @@ class _G(torch.autograd.Function):
     def forward(ctx, x, group):
         out = x.contiguous().clone()
         _count("forward")
+        _ring("all-reduce", out, group, 2.0)
         dist.all_reduce(out, group=group)
         return out
 
@@ -143,7 +165,9 @@ class _GatherLast(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in sizes]
         _count("gather")
         dist.all_gather(parts, padded, group=group)
-        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+        out = torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+        _ring("all-gather", out, group)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -163,6 +187,105 @@ def g(x, group=None):
 def gather_last(x, sizes: list[int], index: int, group=None):
     """All-gather `x` along its last dim; this rank's part is `index`."""
     return _GatherLast.apply(x, list(sizes), index, group)
+
+
+# Sequence parallelism: the f/g pair along the sequence --------------------
+
+
+def _gather_seq(x, dim: int, group):
+    """All-gather equal chunks of `x` along `dim`, in rank order."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    out = torch.cat(parts, dim=dim)
+    SEQ_COUNTS["all_gather"] += 0 if torch.compiler.is_compiling() else 1
+    _ring("all-gather", out, group)
+    return out
+
+
+def _scatter_seq(x, dim: int, group):
+    """Reduce-scatter `x` along `dim`: this rank's chunk of the sum."""
+    n = dist.get_world_size(group)
+    parts = [p.contiguous() for p in torch.chunk(x, n, dim=dim)]
+    out = torch.empty_like(parts[0])
+    SEQ_COUNTS["reduce_scatter"] += 0 if torch.compiler.is_compiling() else 1
+    _ring("reduce-scatter", x, group)
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _SeqGather(torch.autograd.Function):
+    """Sequence-parallel f: all-gather along `dim` forward, reduce-scatter
+    of the gradient backward (the sum of every rank's partial input
+    gradient, this rank's chunk)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather_seq(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_seq(grad, ctx.dim, ctx.group), None, None
+
+
+class _SeqScatter(torch.autograd.Function):
+    """Sequence-parallel g: reduce-scatter along `dim` forward (partial
+    sums in, this rank's chunk of the sum out), all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _scatter_seq(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.dim, ctx.group), None, None
+
+
+class _SeqCollect(torch.autograd.Function):
+    """The whole sequence back from its chunks (all-gather forward); every
+    rank's gradient of it is the same, so backward takes the local chunk."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.size = dim, x.shape[dim]
+        ctx.index = dist.get_rank(group)
+        return _gather_seq(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        local = grad.narrow(ctx.dim, ctx.index * ctx.size, ctx.size)
+        return local.contiguous(), None, None
+
+
+def gather_seq(x, dim: int = 1, group=None):
+    """Enter a region with the sequence split: all-gather along `dim`
+    (backward: reduce-scatter)."""
+    return x if _symbolic(x) else _SeqGather.apply(x, dim, group)
+
+
+def scatter_seq(x, dim: int = 1, group=None):
+    """Leave a region with the sequence split: reduce-scatter along `dim`
+    (backward: all-gather)."""
+    return x if _symbolic(x) else _SeqScatter.apply(x, dim, group)
+
+
+def collect_seq(x, dim: int = 1, group=None):
+    """The whole sequence from its chunks for what needs all of it (the
+    model's output, for the loss); backward keeps the local chunk."""
+    return x if _symbolic(x) else _SeqCollect.apply(x, dim, group)
+
+
+def reduce_param_grad(grad, group=None):
+    """Sum a replicated parameter's partial gradient over `group` (each
+    rank saw only its chunk of the sequence)."""
+    grad = grad.contiguous().clone()
+    if not torch.compiler.is_compiling():
+        SEQ_COUNTS["param_all_reduce"] += 1
+    _ring("params", grad, group, 2.0)
+    dist.all_reduce(grad, group=group)
+    return grad
 
 
 # Shard arithmetic ------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Where sequence parallelism splits and gathers, for the engines that
+run the whole model per rank (`torch_sequence.py`): decided from the
+planner's region edges (`jax_sequence.region_edges`: the plan's kernel
+splits) and the traced graph, checked before anything changes.
+
+A row projection's output and the token lookup's are split along the
+sequence; what reads a split tensor outside a region keeps it split when
+the planner's propagator for that op keeps a sequence split in place
+(norms, elementwise ops, dropout); a column edge, and a replicated
+projection beside one (kv heads beside split query heads), gathers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from keras_tensor_parallel.backends.jax_sequence import (
+    COLUMN,
+    ROW,
+    VOCAB,
+    region_edges,
+)
+from keras_tensor_parallel.plan import propagate
+from keras_tensor_parallel.plan.rules import LinearRule, has_rule, rule_for
+
+SEQ = 1  # the sequence dim of [batch, seq, ...] activations
+
+
+@dataclasses.dataclass
+class SequencePlan:
+    """What the installer changes, decided before anything changes."""
+
+    edges: dict  # id(layer) -> (layer, side), the region edges
+    groups: list  # layers reading a split tensor, that gather it
+    partial: list  # replicated variables with partial gradients
+    positions: list  # PositionEmbedding layers reading split tensors
+
+
+def refuse(why: str, received: str) -> None:
+    raise ValueError(
+        f"sequence_parallel=True on the torch engine: {why}. Use "
+        f"sequence_parallel=False for this model. Received: {received}"
+    )
+
+
+def _check_plan(plan, edges: dict) -> None:
+    """Refuse what the edges cannot express: shared kv heads, split
+    variables outside a region edge (op-level or expert weights), no
+    region at all."""
+    copies = {e.copies for e in plan if e.copies > 1}
+    if copies:
+        refuse(
+            "kv heads shared by several ranks are not supported",
+            f"copies={sorted(copies)}",
+        )
+    if not any(side == ROW for _, side in edges.values()):
+        refuse("the plan has no region (no row-parallel layer)", "no rows")
+    paths = {layer.path for layer, _ in edges.values()}
+    other = sorted({e.layer for e in plan if e.is_split} - paths)
+    if other:
+        refuse(
+            "only Dense/EinsumDense projections and token embeddings can "
+            "be region edges; these layers' weights are split otherwise",
+            f"layers {other[:3]}",
+        )
+
+
+def _check_edge(layer, side: str, node) -> None:
+    if getattr(layer, "lora_enabled", False):
+        refuse("LoRA-enabled projections are not supported", layer.path)
+    if side == VOCAB:
+        if getattr(layer, "mask_zero", False):
+            refuse(
+                "embeddings with mask_zero=True are not supported", layer.path
+            )
+        ndim = len(node.inputs[0].shape) if node.inputs else 0
+        if not is_reverse(node.args[1:], node.kwargs) and ndim < 2:
+            refuse(
+                "token ids need a sequence dim", f"{layer.path} ids {ndim}-D"
+            )
+        return
+    if type(layer) not in (keras.layers.Dense, keras.layers.EinsumDense):
+        refuse(
+            "only Dense and EinsumDense projections are supported", layer.path
+        )
+    shape = node.inputs[0].shape if side == COLUMN else node.outputs[0].shape
+    if len(shape) < 3:
+        refuse(
+            "region edges need [batch, sequence, ...] activations",
+            f"{layer.path} with shape {tuple(shape)} (no sequence dim)",
+        )
+
+
+def is_reverse(args, kwargs) -> bool:
+    """Whether an embedding call is the tied logits projection."""
+    return bool(kwargs.get("reverse") or (args and args[0] is True))
+
+
+def _replicated_projection(layer, plan) -> bool:
+    if not has_rule(layer):
+        return False
+    rule = rule_for(layer)
+    if not isinstance(rule, LinearRule):
+        return False
+    entry = plan.get(rule.kernel.path)
+    return entry is not None and not entry.is_split
+
+
+def _reads_column_input(graph, tensor, edges) -> bool:
+    """Whether a column edge reads `tensor` (kv projections replicated
+    beside split query heads read the region's input)."""
+    for index, _ in graph.consumers.get(id(tensor), []):
+        _, side = edges.get(id(graph.nodes[index].op), (None, None))
+        if side == COLUMN:
+            return True
+    return False
+
+
+def _partial(layer, plan) -> list:
+    """`layer`'s replicated trainable variables (but those the engine
+    already sums, applied to split heads: `sum_grad`)."""
+    out = []
+    for v in layer.trainable_variables:
+        entry = plan.get(v.path)
+        summed = getattr(entry, "sum_grad", False)
+        if entry is not None and not entry.is_split and not summed:
+            out.append(v)
+    return out
+
+
+def _walk(graph, plan, edges: dict) -> SequencePlan:
+    """Follow the sequence split through the traced graph: a row output
+    and a token lookup are split; what reads a split tensor outside a
+    region keeps it split (norms, dropout, adds); a column edge, and a
+    replicated projection beside one, gathers it."""
+    split: set = set()
+    groups: dict = {}
+    partial: dict = {}
+    positions: list = []
+    for node in graph.nodes:
+        layer, side = edges.get(id(node.op), (None, None))
+        if side is not None and node.inputs:
+            _check_edge(layer, side, node)
+        reads = node.inputs and id(node.inputs[0]) in split
+        if side == COLUMN or (
+            reads
+            and _replicated_projection(node.op, plan)
+            and _reads_column_input(graph, node.inputs[0], edges)
+        ):
+            if not reads:
+                refuse(
+                    "the sequence is split at the token embedding; this "
+                    "region reads a tensor that is not split (a model "
+                    "input read directly)",
+                    node.op.path,
+                )
+            members = groups.setdefault(id(node.inputs[0]), [])
+            members += [] if node.op in members else [node.op]
+            if side is None:
+                partial.update({id(v): v for v in _partial(node.op, plan)})
+            continue
+        if side == ROW:
+            split.update(id(t) for t in node.outputs)
+            bias = rule_for(layer).bias
+            if bias is not None and not plan.get(bias.path).is_split:
+                partial[id(bias)] = bias
+        elif side == VOCAB and not is_reverse(node.args[1:], node.kwargs):
+            split.update(id(t) for t in node.outputs)
+        elif side is None and any(id(t) in split for t in node.inputs):
+            _check_reader(node, split)
+            split.update(id(t) for t in node.outputs)
+            if isinstance(node.op, keras.layers.Layer):
+                partial.update({id(v): v for v in _partial(node.op, plan)})
+                if type(node.op).__name__ == "PositionEmbedding":
+                    positions.append(node.op)
+    return SequencePlan(
+        edges, list(groups.values()), list(partial.values()), positions
+    )
+
+
+def _check_reader(node, split: set) -> None:
+    """A node outside the regions reading a split tensor must work per
+    token: the planner's propagator for it keeps a split on the sequence
+    dim in place (norms, elementwise ops, dropout); anything that needs
+    the whole sequence (attention, pooling, a reshape across it) is
+    refused. Dropout would draw its mask per chunk, with the same seed on
+    every rank: masks unlike one process's."""
+    name = node.type_name
+    if name == "PositionEmbedding":
+        return  # told its chunk's offset (`_install_positions`)
+    dims = [SEQ if id(t) in split else None for t in node.inputs]
+    try:
+        out = propagate.propagate(node, dims)
+    except propagate.Conflict as e:
+        out, why = None, str(e)
+    if out is None or any(d != SEQ for d in out):
+        refuse(
+            f"{name} reads activations split along the sequence but needs "
+            "the whole sequence (it does not keep the split in place)",
+            f"{name} {getattr(node.op, 'path', '')}".strip()
+            + (f": {why}" if out is None else ""),
+        )
+    if isinstance(node.op, keras.layers.Dropout) and node.op.rate > 0:
+        refuse(
+            "dropout between regions (rate > 0) is not supported yet",
+            f"{getattr(node.op, 'path', None) or node.op.name} "
+            f"rate={node.op.rate}",
+        )
+
+
+def plan_sequence(model, plan) -> SequencePlan:
+    """Check that `model` can run sequence-parallel under `plan` and say
+    what changes; changes nothing (ValueError otherwise).
+
+    Example:
+
+    ```python
+    sp = plan_sequence(model, engine.plan)  # before engine.apply
+    ```
+    """
+    from keras_tensor_parallel.plan import graph as graph_lib
+    from keras_tensor_parallel.plan.planner import is_leaf
+
+    edges = region_edges(model, plan)
+    _check_plan(plan, edges)
+    graph = graph_lib.extract_graph(model, is_leaf)
+    return _walk(graph, plan, edges)
