@@ -198,13 +198,17 @@ def test_attention_dropout_refused_for_recompute():
 def test_torch_backend_refused():
     # Checked right after the backend name, before any device or process
     # group is looked up (a torch process is not started here: the rule
-    # is the same function).
+    # is the same function). torch splits the sequence
+    # (tests/test_torch_sequence.py) but does not recompute.
     from keras_tensor_parallel import model as model_lib
 
     with pytest.raises(ValueError, match="JAX engine only.*Received"):
-        model_lib._check_activations(True, None, "torch")
+        model_lib._check_activations(True, "attention", "torch")
     with pytest.raises(ValueError, match="JAX engine only"):
         model_lib._check_activations(False, "attention", "torch")
+    with pytest.raises(ValueError, match="JAX engine only"):
+        model_lib._check_activations(True, None, "tensorflow")
+    model_lib._check_activations(True, None, "torch")
     model_lib._check_activations(False, None, "torch")  # plain TP is fine
 
 
