@@ -24,6 +24,7 @@ the local gate and up blocks; the op-level column/row roles
 from __future__ import annotations
 
 import keras
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -106,6 +107,8 @@ class _FusedMixin:
                 p * size + self._tp_start, p * size + self._tp_stop
             )
             pieces.append(value[tuple(index)])
+        if isinstance(value, np.ndarray):
+            return np.concatenate(pieces, axis=dim)
         return keras.ops.concatenate(pieces, axis=dim)
 
 

@@ -106,6 +106,21 @@ def _fresh(variable, entry, index, rank: int):
         ].clone()
 
 
+def _check_placeable(plan) -> None:
+    """Refuse, before any variable is placed, what loading cannot yet
+    place: kv heads shared by ranks and fused expert kernels."""
+    odd = [e for e in plan if e.copies > 1 or getattr(e, "parts", 1) > 1]
+    if odd:
+        raise ValueError(
+            "Loading straight into shards on torch does not place kv heads "
+            "shared by several ranks or fused expert kernels yet: build "
+            "the model, then wrap it with TensorParallelKeras, or replicate "
+            f"them with overrides. Received: {odd[0].path} (copies="
+            f"{odd[0].copies}, parts={getattr(odd[0], 'parts', 1)}) and "
+            f"{len(odd) - 1} more"
+        )
+
+
 def to_torch(value) -> torch.Tensor:
     """A numpy array (bfloat16 from ml_dtypes too) as a torch tensor."""
     value = np.ascontiguousarray(value)
@@ -132,6 +147,7 @@ def place_local(variables, plan, *, weights=None, names=None) -> None:
     place_local(src.created, plan, weights=reader, names=names)
     ```
     """
+    _check_placeable(plan)
     names = names or {}
     size = plan.world_size
     rank = model_rank(size)
