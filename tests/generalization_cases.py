@@ -185,6 +185,29 @@ def sequential_dropout():
     )
 
 
+def moe_block():
+    """One Mixtral sparse-MoE block (4 experts, top 2) between Dense and
+    LayerNorm: experts split across devices or inside each expert."""
+    from keras_hub.src.models.mixtral.mixtral_decoder import (
+        MixtralSparseMoeBlock,
+    )
+
+    inp = keras.Input((8, 16))
+    x = keras.layers.Dense(16)(inp)
+    h = keras.layers.LayerNormalization()(x)
+    y, _ = MixtralSparseMoeBlock(
+        hidden_dim=16, intermediate_dim=32, num_experts=4, top_k=2
+    )(h)
+    return keras.Model(inp, x + y)
+
+
+# Forces the split inside each expert (ffn dim: gate/up column, down row).
+INSIDE_EXPERTS = {
+    r".*expert_feedforward_(gate|intermediate)_dense": (None, None, "model"),
+    r".*expert_feedforward_output_dense": (None, "model", None),
+}
+
+
 def _hub(cls_name, **config):
     def build():
         import keras_hub
@@ -392,6 +415,7 @@ CASES = {
     "own-weights-mlp": Case(cov.own_weights_mlp, _float_inputs(8, 32)),
     "gemma3": Case(cov.gemma3, _tokens(), fit_sizes=()),
     "qwen3-2-kv-heads": Case(cov.qwen3_kv2, _tokens(), fit_sizes=()),
+    "moe-block": Case(moe_block, _float_inputs(8, 16), fit_sizes=()),
     "opt-12-heads": Case(
         cov.opt_heads(12), _tokens(), sizes=(2, 4, 8), fit_sizes=()
     ),

@@ -17,8 +17,14 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
-from generalization_cases import CASES, own_weights
-from helpers import forward_hlo, max_abs_diff, rel_tol, weight_gathers
+from generalization_cases import CASES, INSIDE_EXPERTS, moe_block, own_weights
+from helpers import (
+    forward_hlo,
+    max_abs_diff,
+    rel_tol,
+    split_dim_shards_ok,
+    weight_gathers,
+)
 
 from keras_tensor_parallel import TensorParallelKeras, plan_model, zoo
 from keras_tensor_parallel.plan import Role
@@ -217,3 +223,81 @@ def test_own_weights_layer_is_split_by_its_matmul():
     # Its bias is added after the all-reduce: a vector, replicated.
     bias = [e for e in own if len(e.shape) == 1]
     assert bias[0].role == Role.REPLICATED and bias[0].reason
+
+
+# Mixture-of-experts: expert parallel, or split inside each expert --------
+
+MOE_TOKENS = 2 * 8  # batch 2, sequence 8
+
+
+def _per_token(reason, pattern):
+    import re
+
+    return int(re.search(pattern, reason).group(1))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_moe_plan_picks_expert_parallel_by_its_bytes(n):
+    keras.utils.set_random_seed(0)
+    model = moe_block()
+    plan = plan_model(model, n)
+    bank = [e for e in plan if "experts/" in e.path]
+    assert len(bank) == 3
+    assert all(e.role == Role.EXPERT and e.split_dim == 0 for e in bank)
+    reason = bank[0].reason
+    assert reason.startswith(
+        f"experts: 4 experts split over {n} devices (expert parallel): each "
+        f"device holds {4 // n} whole expert"
+    )
+    # Hidden 16, 4 experts, top 2: forward 16 + backward 16 + 2 (routing
+    # weights' gradient) per token, against 4 x 16 + 16 inside each expert.
+    assert "all-reduces 34 values per token per step" in reason
+    assert "against 80 splitting inside each expert" in reason
+    assert "the same bytes per device" in reason
+    inside = plan_model(model, n, overrides=INSIDE_EXPERTS)
+    assert inside.per_device_bytes == plan.per_device_bytes
+    roles = [inside[e.path].role for e in bank]
+    assert roles == [Role.COLUMN, Role.COLUMN, Role.ROW]
+    forced = plan_model(model, n, overrides={r".*experts/.*": "expert"})
+    assert [forced[e.path].axes for e in bank] == [e.axes for e in bank]
+
+
+@pytest.mark.parametrize("split", ["expert", "inside"])
+def test_moe_split_matches_one_device_at_its_stated_bytes(split):
+    from keras_tensor_parallel import comms
+
+    n = 2
+    overrides = INSIDE_EXPERTS if split == "inside" else None
+    reference, candidate, _ = zoo.build_pair(moe_block, seed=0)
+    x = np.random.RandomState(0).randn(2, 8, 16).astype("float32")
+    y = np.random.RandomState(2).randn(2, 8, 16).astype("float32")
+    expected = np.asarray(reference(x))
+    stated = plan_model(reference, n)  # the reason states both candidates
+    reason = next(e.reason for e in stated if "experts/" in e.path)
+    tp = TensorParallelKeras(candidate, world_size=n, overrides=overrides)
+    got = np.asarray(tp(x))
+    assert max_abs_diff(got, expected) <= rel_tol(expected, 1e-5)
+    assert split_dim_shards_ok(tp, n) == []
+    for model in (reference, tp):
+        keras.Model.compile(
+            model, optimizer=keras.optimizers.Adam(1e-3), loss="mse"
+        )
+    report = comms.analyze(tp, n, batch_size=2, seq_len=8, inputs=x)
+    for model in (reference, tp):
+        for _ in range(3):
+            model.train_on_batch(x, y)
+    for r, t in zip(
+        reference.trainable_variables, tp.wrapped_model.trainable_variables
+    ):
+        ref = np.asarray(r, "float64")
+        scale = max(float(np.max(np.abs(ref))), 1e-30)
+        assert max_abs_diff(ref, np.asarray(t)) <= 1e-4 * scale, r.path
+    # The compiled train step sends what the plan states, per token.
+    pattern = (
+        r"all-reduces (\d+) values per token"
+        if split == "expert"
+        else r"against (\d+) splitting inside"
+    )
+    values = _per_token(reason, pattern)
+    assert report.train_bytes == MOE_TOKENS * values * 4, report.table()
+    assert not report.weight_gathers

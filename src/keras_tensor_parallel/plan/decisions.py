@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import keras
 
+from keras_tensor_parallel.plan import experts, rules
 from keras_tensor_parallel.plan import graph as graph_lib
 from keras_tensor_parallel.plan import propagate as prop
-from keras_tensor_parallel.plan import rules
 from keras_tensor_parallel.plan.padding import padded_size
 from keras_tensor_parallel.plan.plan import MODEL_AXIS, Role, VariablePlan
 from keras_tensor_parallel.plan.projections import find_projections
-from keras_tensor_parallel.plan.regions import (
-    RegionGrower,
-    collective_elements,
-    split_elements,
-)
+from keras_tensor_parallel.plan.regions import RegionGrower
 
 ROW_BIAS_REASON = (
     "row-parallel bias: replicated, added once after the all-reduce"
@@ -145,7 +141,7 @@ class Planner:
                 f"{type(proj.layer).__name__} has no output-only dim to split"
             )
             return
-        reasons, found = [], []
+        reasons, found, failed = [], [], []
         for label in labels:
             size = proj.rule.label_size(label)
             pad = size % self.n != 0
@@ -154,13 +150,18 @@ class Planner:
                     f"output dim {size} not divisible by world size {self.n}"
                 )
                 continue
+            tried = len(reasons)
             region = self._first_region(proj, label, reasons, pad)
             if region is not None:
                 found.append((label, region))
+            else:
+                failed += reasons[tried:]
         if not found:
             self.proj_reason[id(proj)] = "not split: " + _dedupe(reasons)
             return
-        self._commit(*_cheapest(found))
+        self._commit(
+            *experts.cheapest(self.graph, self.n, found, _dedupe_list(failed))
+        )
 
     def _first_region(self, proj, label, reasons, pad: bool):
         for recruit in (True, False):
@@ -210,14 +211,8 @@ class Planner:
                 self._replicate(r.bias, ROW_BIAS_REASON)
         self.pad = 0
 
-    def _commit_experts(self, region, why: str) -> None:
+    def _commit_experts(self, region, reason: str) -> None:
         members = [*region.columns.values(), *region.batch.values()]
-        proj, label = members[0]
-        size = proj.rule.label_size(label)
-        reason = (
-            f"expert-parallel: {size} experts split, {size // self.n} per "
-            f"device; their outputs are summed by one all-reduce{why}"
-        )
         for proj, label in members:
             r = proj.rule
             self._decide(r.kernel, r.kernel_spec, label, Role.EXPERT, reason)
@@ -377,35 +372,13 @@ def _opaque_reason(outer, why) -> str:
     )
 
 
-def _cheapest(found: list[tuple]) -> tuple:
-    """(region, why) of the candidate splitting the most kernel elements,
-    then all-reducing the fewest; ties keep label order (major first).
-    `why` is empty unless the choice beat another candidate."""
-
-    def cost(region):
-        return (
-            -split_elements(region),
-            region.pad > 0,
-            collective_elements(region),
-        )
-
-    best = min(range(len(found)), key=lambda i: (cost(found[i][1]), i))
-    region = found[best][1]
-    beaten = [r for _, r in found if cost(r) > cost(region)]
-    if not beaten:
-        return region, ""
-    other = min(beaten, key=cost)
-    inside = " when split inside each expert" if other.rows else ""
-    return region, (
-        f" (fewer values to all-reduce: {collective_elements(region)} per "
-        f"step at the trace size, against "
-        f"{collective_elements(other)}{inside})"
-    )
-
-
 def _dedupe(reasons: list[str]) -> str:
+    return "; ".join(_dedupe_list(reasons)[:2])
+
+
+def _dedupe_list(reasons: list[str]) -> list[str]:
     seen = []
     for r in reasons:
         if r not in seen:
             seen.append(r)
-    return "; ".join(seen[:2])
+    return seen

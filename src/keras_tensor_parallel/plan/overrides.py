@@ -16,7 +16,8 @@ from keras_tensor_parallel.plan.plan import (
     VariablePlan,
 )
 
-_ROLE_DIM = {"column": -1, "row": 0, "vocab": 0}
+# "expert": the leading experts dim of an expert bank (expert parallel).
+_ROLE_DIM = {"column": -1, "row": 0, "vocab": 0, "expert": 0}
 
 
 def apply_overrides(plan: ShardingPlan, overrides: dict) -> ShardingPlan:
@@ -26,8 +27,8 @@ def apply_overrides(plan: ShardingPlan, overrides: dict) -> ShardingPlan:
         plan: The plan to change.
         overrides: `{regex: value}`; a value is a tuple of mesh-axis names
             (`"model"` or `None` per dim) or a role name (`"replicated"`,
-            `"column"` splits the last dim, `"row"` and `"vocab"` the
-            first).
+            `"column"` splits the last dim, `"row"`, `"vocab"` and
+            `"expert"` the first: an expert bank split across devices).
 
     Returns:
         A new plan; `plan` itself is unchanged.
@@ -133,6 +134,8 @@ def _axes_and_role(entry, pattern, value) -> tuple[list, Role]:
             f"Received: {tuple(value)!r}"
         )
     role = Role.REPLICATED if not split else entry.role
+    if role == Role.EXPERT and split[0] != 0:
+        role = Role.REPLICATED  # an expert bank split inside each expert
     if split and role == Role.REPLICATED:
         role = Role.COLUMN if split[0] == rank - 1 else Role.ROW
     return axes, role

@@ -36,8 +36,10 @@ class Region:
         self.reductions: list = []
         self.split: dict[int, int] = {}  # id(tensor) -> split dim
         self.queue: collections.deque = collections.deque()
-        # (op name, tensor): unsplit full-size operands meeting the split.
+        # (op name, tensor): unsplit full-size operands meeting the split,
+        # and (tensor, dim) of each: the dim the split lines up with.
         self.full_operands: list[tuple] = []
+        self.full_dims: list[tuple] = []
         # Logical size of a split dim stored padded to a multiple of N
         # (0: not padded), and the tensors zero on its padded entries.
         self.pad = 0
@@ -170,6 +172,7 @@ class RegionGrower:
         outs = prop.propagate(node, dims)
         full = self._full_operands(node, dims, outs, region)
         region.full_operands += [(node.name, x) for x, _ in full]
+        region.full_dims += full
         if recruit:
             for x, c in full:
                 self._recruit_producer(region, x, c, depth=0)
