@@ -37,15 +37,18 @@ class TensorParallelKeras(keras.Model):
             automatic plan (see `plan_model`).
         plan: A ready `ShardingPlan` to use instead of planning.
         tensor_parallel_size: Devices each Megatron plan is split over
-            (JAX); defaults to `world_size`. A divisor of `world_size`
-            gives a `(data=world_size/tensor_parallel_size,
+            (JAX and torch); defaults to `world_size`. A divisor of
+            `world_size` gives a `(data=world_size/tensor_parallel_size,
             model=tensor_parallel_size)` mesh: the batch is split over
             the data axis and gradients are reduced over it. `"auto"`
-            (JAX) with `device_memory`: the smallest divisor at which one
-            device's parameters, optimizer state and activations fit,
-            measured from XLA's compiled train step (Adam, `world_size`
-            example rows); the choice and its figures are printed (see
-            `keras_tensor_parallel.autosize`).
+            with `device_memory`: the smallest divisor at which one
+            device's parameters, optimizer state and activations fit
+            (Adam, `world_size` example rows), measured from XLA's
+            compiled train step on JAX (`keras_tensor_parallel.autosize`)
+            and computed on torch, the same on every rank, from the
+            plan's shards and a measured activation pass
+            (`keras_tensor_parallel.autosize_torch`); the choice and its
+            figures are printed.
         device_memory: Bytes per device for `tensor_parallel_size="auto"`,
             an int or a string such as `"16GB"` or `"80GiB"`.
         zero_stage: `1` splits optimizer slots over the data axis too
