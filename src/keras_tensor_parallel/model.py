@@ -16,6 +16,15 @@ from keras_tensor_parallel.plan import ShardingPlan, plan_model
 from keras_tensor_parallel.plan.planner import check_built
 
 
+def _zero_module(engine):
+    """The engine's ZeRO-1 module (`shard_optimizer_state`)."""
+    if engine.name == "torch":
+        from keras_tensor_parallel.backends import torch_zero
+
+        return torch_zero
+    return _zero
+
+
 class TensorParallelKeras(keras.Model):
     """A Keras model split Megatron-style across devices.
 
@@ -52,9 +61,9 @@ class TensorParallelKeras(keras.Model):
         device_memory: Bytes per device for `tensor_parallel_size="auto"`,
             an int or a string such as `"16GB"` or `"80GiB"`.
         zero_stage: `1` splits optimizer slots over the data axis too
-            (ZeRO stage 1, JAX): each device keeps 1/(data x model) of a
-            replica's optimizer state; `0` (default) replicates them
-            over the data axis.
+            (ZeRO stage 1, JAX and torch): each device keeps 1/(data x
+            model) of a replica's optimizer state; `0` (default)
+            replicates them over the data axis.
         sequence_parallel: Split the activations between tensor-parallel
             regions (norms, dropout, residual adds) along the sequence
             (Megatron-SP, JAX): same math and ring traffic, less
@@ -233,7 +242,7 @@ class TensorParallelKeras(keras.Model):
         with engine.scope():
             engine.prepare_state(self)
             if self._tp_zero_stage:
-                _zero.shard_optimizer_state(self)
+                _zero_module(engine).shard_optimizer_state(self)
             with engine.guard(self):
                 return method(*args, **kwargs)
 
