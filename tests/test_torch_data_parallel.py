@@ -6,7 +6,8 @@ distributed_backend="torch")` under one launch of 4 gloo ranks on
 group (ranks {0, 1} and {2, 3}), each replica trains on its half of the
 global batch, and gradients are averaged over the data-axis group ({0, 2},
 {1, 3}). A third case runs the MLP as data=4 x model=1 on a batch of 6
-rows (shares 2, 2, 1, 1: the loss and gradients weighted by share). Every
+rows (shares 2, 2, 1, 1: the loss and gradients weighted by share); both
+again with `zero_stage=1`; sharded checkpoints with a data axis. Every
 rank also trains a one-process copy of the same weights on
 the whole batch and compares.
 """
@@ -24,13 +25,15 @@ import pytest
 HERE = os.path.abspath(__file__)
 TIMEOUT = 240
 STEPS = 3
-CASES = ("mlp", "opt", "mlp_dp4")
+# `_zero`: the same with ZeRO-1 (optimizer slots cut over the data axis).
+CASES = ("mlp", "opt", "mlp_dp4", "mlp_zero", "mlp_dp4_zero")
 MESH = {  # per case, for ranks 0..3: (model group, data group)
     "mlp": [([0, 1], [0, 2]), ([0, 1], [1, 3]), ([2, 3], [0, 2])]
     + [([2, 3], [1, 3])],
     "mlp_dp4": [([r], [0, 1, 2, 3]) for r in range(4)],
 }
-MESH["opt"] = MESH["mlp"]
+MESH["opt"] = MESH["mlp_zero"] = MESH["mlp"]
+MESH["mlp_dp4_zero"] = MESH["mlp_dp4"]
 TINY = dict(num_layers=2, num_heads=4, hidden_dim=32, intermediate_dim=64)
 
 
@@ -38,8 +41,8 @@ def _case(name):
     from keras_tensor_parallel import zoo
 
     rng = np.random.RandomState(1)
-    if name in ("mlp", "mlp_dp4"):
-        rows = 8 if name == "mlp" else 6
+    if name.startswith("mlp"):
+        rows = 6 if "dp4" in name else 8
         x = rng.randn(rows, 64).astype("float32")
         return zoo.seed_mlp, x, rng.randn(rows, 32).astype("float32"), 0
 
@@ -77,13 +80,15 @@ def _run_case(name: str) -> dict:
     from keras_tensor_parallel import TensorParallelKeras, zoo
     from keras_tensor_parallel.backends import torch_collectives as tc
     from keras_tensor_parallel.backends import torch_groups as tg
+    from keras_tensor_parallel.backends import torch_zero as tz
 
     build, x, y, blocks = _case(name)
     ref, cand, _ = zoo.build_pair(build, seed=0)
-    t = 1 if name == "mlp_dp4" else 2
+    t = 1 if "dp4" in name else 2
+    zero = int(name.endswith("_zero"))
     tp = TensorParallelKeras(
-        cand, world_size=4, tensor_parallel_size=t, distributed_backend="torch"
-    )
+        cand, world_size=4, tensor_parallel_size=t, zero_stage=zero,
+        distributed_backend="torch")  # fmt: skip
     groups = tp.engine.groups
     res = {"model_ranks": groups.model_ranks, "data_ranks": groups.data_ranks}
     res["local_shapes"] = {v.path: list(v.value.shape) for v in cand.weights}
@@ -119,14 +124,20 @@ def _run_case(name: str) -> dict:
         ref.trainable_weights
     )
     res["ideal_optimizer_bytes"] = 2 * _nbytes(tp.trainable_weights) + extra
+    if zero:  # one replica's slots over data x model = 4 ranks
+        slots = 2 * _nbytes(ref.trainable_weights)
+        res["ideal_optimizer_bytes"] = slots // 4 + extra
     # One more step, counted: the replica's plain-TP collectives on the
     # model axis, one bucketed mean of its gradients and the loss scalar
     # on the data axis.
     tc.reset_counts()
     tg.reset_counts()
+    tz.reset_counts()
     tp.train_on_batch(x, y)
     res["counts"] = dict(tc.COUNTS)
     res["data_counts"] = dict(tg.COUNTS)
+    res["zero_counts"] = dict(tz.COUNTS)
+    res["zero"] = zero
     res["expect"] = [2 * blocks + 1, 2 * blocks] if blocks else [2, 1]
     if t == 1:
         res["expect"] = [0, 0]  # no model axis: nothing split
@@ -137,7 +148,7 @@ def _run_case(name: str) -> dict:
 # Checkpoints with a data axis ---------------------------------------------
 
 
-def _ckpt_model(t: int, seed: int, optimizer=None):
+def _ckpt_model(t: int, seed: int, optimizer=None, zero: int = 0):
     import keras
 
     from keras_tensor_parallel import TensorParallelKeras, catalogue
@@ -148,6 +159,7 @@ def _ckpt_model(t: int, seed: int, optimizer=None):
         world_size=4,
         tensor_parallel_size=t,
         distributed_backend="torch",
+        zero_stage=zero,
     )
     tp.compile(optimizer=optimizer or keras.optimizers.Adam(1e-3), loss="mse")
     return tp
@@ -188,7 +200,8 @@ def _files(path: str) -> dict:
 
 def _checkpoint_case(folder: str) -> dict:
     """Save at data=2 x model=2 after 2 steps and train 2 more; fresh
-    models (other weights) restore at 2x2, 1x4 and 4x1 and train the
+    models (other weights) restore at 2x2, 1x4, 4x1 and 2x2 with ZeRO-1
+    (whose own checkpoint a 1x4 model restores) and train the
     same 2; an SGD model's load is refused and changes nothing."""
     import keras
 
@@ -199,8 +212,9 @@ def _checkpoint_case(folder: str) -> dict:
     res = {"path": path, "files": _files(path), "full_bytes": full_bytes}
     res["losses"] = _ckpt_fit(tp)
     weights, slots = tp.get_weights(), _local(tp)
-    for name, t in (("2x2", 2), ("1x4", 4), ("4x1", 1)):
-        fresh = _ckpt_model(t, 7)
+    meshes = (("2x2", 2, 0), ("1x4", 4, 0), ("4x1", 1, 0), ("zero", 2, 1))
+    for name, t, zero in meshes:
+        fresh = _ckpt_model(t, 7, zero=zero)
         loaded = fresh.load_checkpoint(folder)
         losses = _ckpt_fit(fresh)
         res[name] = {
@@ -213,6 +227,16 @@ def _checkpoint_case(folder: str) -> dict:
             "slots_equal": t == 2
             and all(np.array_equal(a, b) for a, b in zip(slots, _local(fresh))),
         }
+    # ZeRO-1 pieces saved, restored at 1x4 without ZeRO: same weights,
+    # and the same next steps (the Adam slots were restored too).
+    res["zero_path"] = fresh.save_checkpoint(folder + "_zero")
+    plain = _ckpt_model(4, 8)
+    plain.load_checkpoint(folder + "_zero")
+    res["zero_restored"] = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(fresh.get_weights(), plain.get_weights())
+    )
+    res["zero_next"] = [_ckpt_fit(fresh), _ckpt_fit(plain)]
     sgd = _ckpt_model(2, 1, keras.optimizers.SGD(0.1))
     before = sgd.get_weights()
     try:
@@ -290,11 +314,21 @@ def test_collectives_per_step(results, name):
             "expect"
         ], r
         # Data axis: the replica's gradient bytes in one bucket (under
-        # 25 MiB), and the loss scalar.
+        # 25 MiB), and the loss scalar; with ZeRO-1 the same bytes
+        # reduce-scattered and all-gathered instead (2x2: the split
+        # parameters' over the data group, the replicated ones' over all
+        # 4 ranks), no all-reduce.
+        calls = r["zero"] * (2 if name == "mlp_zero" else 1)
         assert r["data_counts"] == {
-            "gradient": 1,
-            "gradient_bytes": r["grad_bytes"],
+            "gradient": 1 - r["zero"],
+            "gradient_bytes": r["grad_bytes"] * (1 - r["zero"]),
             "loss": 1,
+        }, r
+        assert r["zero_counts"] == {
+            "reduce_scatter": calls,
+            "reduce_scatter_bytes": r["grad_bytes"] * r["zero"],
+            "all_gather": calls,
+            "all_gather_bytes": r["grad_bytes"] * r["zero"],
         }, r
 
 
@@ -317,7 +351,7 @@ def test_checkpoint_with_a_data_axis_writes_each_shard_once(results):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("mesh", ["2x2", "1x4", "4x1"])
+@pytest.mark.parametrize("mesh", ["2x2", "1x4", "4x1", "zero"])
 def test_checkpoint_restores_on_every_mesh(results, mesh):
     for every in results:
         r = every["checkpoint"]
@@ -330,6 +364,14 @@ def test_checkpoint_restores_on_every_mesh(results, mesh):
         else:  # resharded: float rounding
             np.testing.assert_allclose(got["losses"], r["losses"], rtol=1e-5)
             assert got["weights"] <= 1e-5, got
+
+
+@pytest.mark.torch
+def test_zero_checkpoint_restores_without_zero(results):
+    for every in results:
+        r = every["checkpoint"]
+        assert r["zero_restored"] == 0.0, r
+        np.testing.assert_allclose(*r["zero_next"], rtol=1e-5)
 
 
 @pytest.mark.torch

@@ -23,7 +23,8 @@ STAGES = (0, 1)
 
 
 def check_stage(zero_stage, backend: str) -> int:
-    """`zero_stage` validated: 0 (or None) or 1, stage 1 on JAX only.
+    """`zero_stage` validated: 0 (or None) or 1, stage 1 on JAX and torch
+    (`torch_zero.py`).
 
     Raises:
         ValueError: for another value, or stage 1 on another engine.
@@ -41,9 +42,9 @@ def check_stage(zero_stage, backend: str) -> int:
             "over the data axis too; stages 2 and 3 are not implemented). "
             f"Received: zero_stage={zero_stage!r}"
         )
-    if stage and backend != "jax":
+    if stage and backend not in ("jax", "torch"):
         raise ValueError(
-            "zero_stage=1 runs on the JAX engine only. Received: "
+            "zero_stage=1 runs on the JAX and torch engines. Received: "
             f"zero_stage=1 on the {backend} engine"
         )
     return stage

@@ -189,6 +189,8 @@ def install_gradient_reduction(
     """
     original = optimizer.apply
     optimizer.tp_reductions = 0
+    # Kept for ZeRO-1 (`torch_zero`), which replaces this all-reduce.
+    optimizer.__dict__["_tp_unreduced_apply"] = original
 
     def apply(grads, trainable_variables=None):
         optimizer.tp_reductions += reduce_gradients(

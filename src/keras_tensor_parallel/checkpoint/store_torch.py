@@ -39,7 +39,7 @@ from torch.distributed._shard.sharded_tensor import (
     init_from_local_shards,
 )
 
-from keras_tensor_parallel.backends import base
+from keras_tensor_parallel.backends import base, torch_zero
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_roles as roles
 from keras_tensor_parallel.checkpoint import state as state_lib
@@ -105,6 +105,8 @@ def latest(directory) -> str:
 def _groups(tp) -> dict:
     # No `prepare_state`: on torch it reseeds every rank, and a save must
     # not change the run it checkpoints (resuming would then differ).
+    if getattr(tp, "_tp_zero_stage", 0):  # slots built on the pieces
+        torch_zero.shard_optimizer_state(tp)
     return state_lib.state_variables(tp, prepare=False)
 
 
@@ -121,18 +123,26 @@ def _split_of(variable, params):
 
 
 def layouts(tp, groups: dict) -> dict:
-    """`{(group, key): (full shape, dim, start)}` for every split value."""
+    """`{(group, key): (full shape, offsets, process group)}` for every
+    value that is a piece of a larger one: split over the model axis
+    (described over the model group: data-axis replicas hold the same
+    pieces), or an optimizer slot cut over the data axis too by ZeRO-1
+    (over the group whose pieces tile it: `torch_zero.slot_place`)."""
     params = [v for v in tp.wrapped_model.variables if roles.is_split(v)]
+    model_group = _model_group(tp)
     out = {}
     for group, variables in groups.items():
         for key, v in variables.items():
+            zero = torch_zero.slot_place(tp.optimizer, v)
+            if zero is not None:
+                out[(group, key)] = zero
+                continue
             owner = _split_of(v, params)
             if owner is not None:
-                out[(group, key)] = (
-                    tuple(owner._tp_full_shape),
-                    owner._tp_dim,
-                    owner._tp_start,
-                )
+                offsets = [0] * len(owner._tp_full_shape)
+                offsets[owner._tp_dim] = owner._tp_start
+                full = tuple(owner._tp_full_shape)
+                out[(group, key)] = (full, offsets, model_group)
     return out
 
 
@@ -162,18 +172,17 @@ def _model_group(tp):
     return groups.model_group if groups is not None else None
 
 
-def _sharded(local, full, dim: int, start: int, group):
-    """`local` as this rank's shard of a `full`-shaped tensor, over the
-    ranks of `group` (a collective there: each describes its shard).
+def _sharded(local, full, offsets, group):
+    """`local` as this rank's piece (at `offsets`) of a `full`-shaped
+    tensor, over the ranks of `group` (a collective there: each describes
+    its piece).
 
-    With a data axis every replica describes the same shards (same global
-    offsets); DCP's save planner keeps one writer per `(key, offset)`
-    (`dedup_save_plans`), so each shard is written once, and every
-    replica reads its shard back on load."""
-    offsets = [0] * len(full)
-    offsets[dim] = start
+    With a data axis every replica describes the same model shards (same
+    global offsets); DCP's save planner keeps one writer per `(key,
+    offset)` (`dedup_save_plans`), so each shard is written once, and
+    every replica reads its shard back on load."""
     meta = ShardMetadata(
-        shard_offsets=offsets,
+        shard_offsets=list(offsets),
         shard_sizes=list(local.shape),
         placement=f"rank:{tc.rank()}/{local.device}",
     )
@@ -183,16 +192,14 @@ def _sharded(local, full, dim: int, start: int, group):
         )
 
 
-def _state_dict(tp, groups: dict, split: dict, make) -> dict:
+def _state_dict(groups: dict, split: dict, make) -> dict:
     """`{group/key: tensor or ShardedTensor}`, values from `make(v)`."""
     out = {}
-    process_group = _model_group(tp)
     for group, variables in groups.items():
         for key, v in variables.items():
             local = make(v)
-            if (group, key) in split and tp.tensor_parallel_size > 1:
-                full, dim, start = split[(group, key)]
-                local = _sharded(local, full, dim, start, process_group)
+            if (group, key) in split and tc.world_size() > 1:
+                local = _sharded(local, *split[(group, key)])
             out[f"{group}/{key}"] = local
     return out
 
@@ -271,7 +278,7 @@ def save(tp, directory, *, keep: int | None = 2) -> str:
         os.path.abspath(directory),
         f".step_{step:08d}.tmp-{_agree(uuid.uuid4().hex)}",
     )
-    state = _state_dict(tp, groups, split, lambda v: v.value.detach())
+    state = _state_dict(groups, split, lambda v: v.value.detach())
     state[TORCH_RNG] = torch.get_rng_state()
     meta = _metadata(tp, groups, split, step)
     _together(os.makedirs, tmp, 0o777, True)
@@ -328,7 +335,7 @@ def load(tp, directory) -> str:
         for g, variables in groups.items()
     }
     state = _state_dict(
-        tp, groups, split, lambda v: torch.empty_like(v.value.detach())
+        groups, split, lambda v: torch.empty_like(v.value.detach())
     )
     state[TORCH_RNG] = torch.empty_like(torch.get_rng_state())
     with _quiet():
