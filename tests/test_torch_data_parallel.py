@@ -382,5 +382,40 @@ def test_checkpoint_of_another_optimizer_is_refused(results):
         assert r["bad_unchanged"], r
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda k: k.optimizers.Adafactor(), "elementwise optimizer"),
+        (lambda k: k.optimizers.Adam(clipnorm=1.0), "clipnorm=1.0"),
+        (lambda k: k.optimizers.SGD(global_clipnorm=2.0), "global_clipnorm"),
+        (lambda k: k.optimizers.Adam(use_ema=True), "use_ema"),
+    ],
+)
+def test_zero_refuses_what_pieces_cannot_update(make, match):
+    import keras
+
+    from keras_tensor_parallel.backends import torch_zero
+
+    with pytest.raises(ValueError, match=match) as info:
+        torch_zero.check_optimizer(make(keras))
+    assert "Received" in str(info.value)
+
+
+def test_zero_refuses_a_built_optimizer_and_other_engines():
+    import keras
+
+    from keras_tensor_parallel.backends import jax_zero, torch_zero
+
+    opt = keras.optimizers.Adam()
+    opt.build([keras.Variable(np.zeros((2, 2), "float32"))])
+    with pytest.raises(ValueError, match="already built"):
+        torch_zero.check_optimizer(opt)
+    assert jax_zero.check_stage(1, "torch") == 1
+    with pytest.raises(ValueError, match="on the tensorflow engine"):
+        jax_zero.check_stage(1, "tensorflow")
+    assert torch_zero.zero_dim((64, 128), 2) == 1
+    assert torch_zero.zero_dim((3, 1), 4) is None
+
+
 if __name__ == "__main__":
     worker(*sys.argv[1:])
