@@ -5,6 +5,7 @@ Usage:
     python benchmarks/bench_coverage.py            # plan figures, all rows
     python benchmarks/bench_coverage.py --comms    # + train-step collectives
     python benchmarks/bench_coverage.py --float64  # Adam vs a float64 run
+    python benchmarks/bench_coverage.py --experts  # EP vs inside each expert
 
 Figures are deterministic: per-device bytes come from the plan (and match
 the shards, see tests/test_coverage.py); collectives are read from the
@@ -144,12 +145,58 @@ def float64_row(name: str) -> str:
     )
 
 
+# Expert parallel against the split inside each expert (forced) -----------
+
+MOE = ("mixtral-n2", "mixtral", "qwen3-moe-n2", "qwen3-moe")
+
+
+def experts_row(name: str, split: str) -> str:
+    """Per-device bytes (whole model, expert banks), the plan's stated
+    values per token for the banks, and the compiled Adam train step."""
+    import re
+
+    from generalization_cases import INSIDE_EXPERTS
+
+    from keras_tensor_parallel import TensorParallelKeras, comms
+
+    row = ROWS[name]
+    keras.utils.set_random_seed(0)
+    model = row.build()
+    stated = plan_model(model, row.n)
+    reason = next(e.reason for e in stated if "experts/" in e.path)
+    pattern = {"expert": r"all-reduces (\d+) values per token",
+               "inside": r"against (\d+) splitting inside"}[split]  # fmt: skip
+    found = re.search(pattern, reason)
+    overrides = INSIDE_EXPERTS if split == "inside" else None
+    tp = TensorParallelKeras(model, world_size=row.n, overrides=overrides)
+    bank = sum(
+        e.per_device_bytes(row.n) for e in tp.plan if "experts/" in e.path
+    )
+    keras.Model.compile(tp, optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    report = comms.analyze(tp, row.n, batch_size=2, seq_len=16)
+    per_token = found.group(1) if found else "not exact: forced"
+    return (
+        f"| {name} | {row.n} | {split} | {tp.plan.per_device_bytes} | {bank} "
+        f"| {per_token} | {report.train_bytes} | "
+        f"{len(report.weight_gathers)} |"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="*", default=list(ROWS))
     parser.add_argument("--comms", action="store_true")
     parser.add_argument("--float64", action="store_true")
+    parser.add_argument("--experts", action="store_true")
     args = parser.parse_args(argv)
+    if args.experts:
+        print("| row | N | split | device-0 bytes | expert banks | stated "
+              "values/token (banks) | train bytes | weight gathers |\n"
+              "|---|---|---|---|---|---|---|---|")  # fmt: skip
+        for name in [r for r in args.rows if r in MOE] or MOE:
+            for split in ("expert", "inside"):
+                print(experts_row(name, split), flush=True)
+        return
     if args.float64:
         import jax
 

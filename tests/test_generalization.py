@@ -262,6 +262,18 @@ def test_moe_plan_picks_expert_parallel_by_its_bytes(n):
     assert [forced[e.path].axes for e in bank] == [e.axes for e in bank]
 
 
+def test_moe_splits_inside_each_expert_when_experts_do_not_divide():
+    keras.utils.set_random_seed(0)
+    plan = plan_model(moe_block(), 8)
+    bank = [e for e in plan if "experts/" in e.path]
+    assert [e.role for e in bank] == [Role.COLUMN, Role.COLUMN, Role.ROW]
+    assert [e.split_dim for e in bank] == [2, 2, 1]
+    assert bank[0].reason.endswith(
+        "(split inside each expert: expert parallel needs the 4 experts to "
+        "divide by 8 devices)"
+    )
+
+
 @pytest.mark.parametrize("split", ["expert", "inside"])
 def test_moe_split_matches_one_device_at_its_stated_bytes(split):
     from keras_tensor_parallel import comms

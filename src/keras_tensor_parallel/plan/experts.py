@@ -133,6 +133,17 @@ def cheapest(graph, n, found: list[tuple], reasons=()) -> tuple:
     if is_expert_parallel(region):
         return region, expert_reason(graph, n, region, other, reasons)
     if other is None:
+        experts = _inside_experts(region)
+        if experts and experts % n:
+            return region, (
+                f" (split inside each expert: expert parallel needs the "
+                f"{experts} experts to divide by {n} devices)"
+            )
+        if experts and reasons:
+            return region, (
+                f" (split inside each expert: expert parallel is not exact "
+                f"here, {reasons[0]})"
+            )
         return region, ""
     return region, (
         f" (fewer values to all-reduce: {sum(train_elements(graph, region))} "
@@ -171,8 +182,22 @@ def expert_reason(graph, n, region, other, reasons=()) -> str:
             "all-reduced before the experts are summed"
         )
     if reasons:
-        return f"{text}; inside each expert it cannot split: {reasons[0]}"
+        return (
+            f"{text}; splitting inside each expert is not exact here: "
+            f"{reasons[0]}"
+        )
     return text
+
+
+def _inside_experts(region) -> int:
+    """The experts of a bank `region` splits inside each expert (a row
+    label of its input, kernel and output), or 0."""
+    for proj, _ in region.rows.values():
+        r = proj.rule
+        for c in r.kernel_spec:
+            if c in r.input_spec and c in r.output_spec:
+                return r.label_size(c)
+    return 0
 
 
 def _memory(region, other) -> str:

@@ -168,7 +168,9 @@ def _stack(node, dims: Dims) -> Dims:
 def _split(node, dims: Dims) -> Dims:
     d = dims[0]
     if d is not None and node.op.axis % ndim(node.inputs[0]) == d:
-        raise Conflict("Split along the split dim")
+        raise Conflict(
+            "ops.split cuts the split dim into parts (a fused kernel)"
+        )
     return [d] * len(node.outputs)
 
 
