@@ -426,12 +426,10 @@ def _check_activations(sequence_parallel, recompute, backend: str) -> None:
             f"recompute must be one of {RECOMPUTE}. Received: "
             f"recompute={recompute!r:.80}"
         )
-    # torch splits the sequence (backends/torch_sequence.py), not recompute.
-    torch_ok = backend == "torch" and not recompute
-    if (sequence_parallel or recompute) and backend != "jax" and not torch_ok:
+    if (sequence_parallel or recompute) and backend not in ("jax", "torch"):
         raise ValueError(
-            "sequence_parallel runs on the JAX and torch engines, recompute "
-            "on the JAX engine only for now: use KERAS_BACKEND=jax, or leave "
+            "sequence_parallel and recompute run on the JAX and torch "
+            "engines only for now: use KERAS_BACKEND=jax or torch, or leave "
             "them off. Received: "
             f"sequence_parallel={sequence_parallel}, recompute={recompute!r}"
             f" on backend {backend!r}"

@@ -36,7 +36,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from keras_tensor_parallel.backends import base, torch_sequence
+from keras_tensor_parallel.backends import (
+    base,
+    torch_recompute,
+    torch_sequence,
+)
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_groups as tg
 from keras_tensor_parallel.backends import torch_roles as roles
@@ -110,6 +114,7 @@ class TorchEngine:
         self._journal = base.Journal()
         self._split: list = []
         self.sequence_parallel = False
+        self.recompute = None
 
     @property
     def is_main(self) -> bool:
@@ -123,9 +128,7 @@ class TorchEngine:
         base.check_plan_matches([_Full(v) for v in variables], self.plan)
         if self.plan.world_size == 1:
             return  # nothing to split, nothing to communicate
-        sequence = None
-        if self.sequence_parallel:  # refused here, before any change
-            sequence = torch_sequence.plan_sequence(model, self.plan)
+        sequence = _activations(self, model)  # refused before any change
         saved: list = []
         failed = tc.first_error(
             _attempt(
@@ -169,8 +172,10 @@ class TorchEngine:
             style = roles.layer_style(entries, self._styles)
             style.install(layers[path], self._shard, self._journal)
         roles.sum_partial_grads(model, self.plan, self._styles, self._journal)
-        if sequence is not None:
-            torch_sequence.install(self, model, sequence, self._journal)
+        if sequence[0] is not None:
+            torch_sequence.install(self, model, sequence[0], self._journal)
+        if sequence[1] is not None:
+            torch_recompute.install(sequence[1], self._journal)
         _retrack(model)
 
     def _split_layers(self) -> dict:
@@ -220,11 +225,10 @@ class TorchEngine:
 
     def set_activations(self, *, sequence_parallel: bool, recompute) -> None:
         """Before `apply`: split the activations between regions along
-        the sequence (`torch_sequence.py`). Recomputation is JAX-only."""
-        base.refuse_activations(
-            "torch", sequence_parallel=False, recompute=recompute
-        )
+        the sequence (`torch_sequence.py`), and/or recompute the attention
+        core in backward (`torch_recompute.py`)."""
         self.sequence_parallel = sequence_parallel
+        self.recompute = recompute
 
     @contextlib.contextmanager
     def guard(self, tp_model):
@@ -332,6 +336,17 @@ class _Full:
     def __init__(self, variable):
         self.path = variable.path
         self.shape = getattr(variable, "_tp_full_shape", variable.shape)
+
+
+def _activations(engine, model) -> tuple:
+    """What `set_activations` asked for, checked before anything changes:
+    (sequence plan or None, attention layers to recompute or None)."""
+    sequence = layers = None
+    if engine.recompute == "attention":
+        layers = torch_recompute.check(model)
+    if engine.sequence_parallel:
+        sequence = torch_sequence.plan_sequence(model, engine.plan)
+    return sequence, layers
 
 
 def _attempt(step, *args) -> BaseException | None:
