@@ -7,6 +7,8 @@ traffic: counted from the compiled HLO, all-reduce 2(N-1)/N and all-gather
 / reduce-scatter (N-1)/N of the full tensor.
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -198,17 +200,15 @@ def test_attention_dropout_refused_for_recompute():
 def test_torch_backend_refused():
     # Checked right after the backend name, before any device or process
     # group is looked up (a torch process is not started here: the rule
-    # is the same function). torch splits the sequence
-    # (tests/test_torch_sequence.py) but does not recompute.
+    # is the same function). torch splits the sequence and recomputes
+    # (tests/test_torch_sequence.py); TensorFlow does neither.
     from keras_tensor_parallel import model as model_lib
 
-    with pytest.raises(ValueError, match="JAX engine only.*Received"):
-        model_lib._check_activations(True, "attention", "torch")
-    with pytest.raises(ValueError, match="JAX engine only"):
-        model_lib._check_activations(False, "attention", "torch")
-    with pytest.raises(ValueError, match="JAX engine only"):
+    with pytest.raises(ValueError, match="JAX and torch engines only.*Rec"):
         model_lib._check_activations(True, None, "tensorflow")
-    model_lib._check_activations(True, None, "torch")
+    with pytest.raises(ValueError, match="JAX and torch engines only"):
+        model_lib._check_activations(False, "attention", "tensorflow")
+    model_lib._check_activations(True, "attention", "torch")
     model_lib._check_activations(False, None, "torch")  # plain TP is fine
 
 
@@ -228,3 +228,76 @@ def test_cli_comms_sequence_parallel_ring_equals_plain(capsys):
     assert {"all-gather", "reduce-scatter"} <= ring[True][1]
     # Plus the replicated norm and bias vectors' gradients.
     assert ring[False][0] <= ring[True][0] <= 1.05 * ring[False][0]
+
+
+# verify: activation memory beside parameter memory ---------------------------
+
+
+def test_megatron_estimate_is_the_issue_formula():
+    from keras_tensor_parallel.verify.activations import (
+        megatron_estimate,
+        transformer_shape,
+    )
+
+    # The issue's shape: hidden 512, 8 heads, sequence 512, batch 4, N=4.
+    shape = {"h": 512, "a": 8, "layers": 2}
+    kw = dict(batch=4, seq=512, tensor_parallel_size=4)
+    tp = megatron_estimate(shape, **kw)
+    sbh = 512 * 4 * 512
+    assert tp["per_device_bytes"] == 2 * sbh * (10 + 24 / 4 + 40 / 4)
+    assert tp["single_device_bytes"] == 2 * sbh * (34 + 40)
+    assert round(tp["fraction"], 2) == 0.35
+    sp = megatron_estimate(shape, **kw, sequence_parallel=True)
+    assert sp["fraction"] == pytest.approx(0.25)
+    both = megatron_estimate(
+        shape, **kw, sequence_parallel=True, recompute="attention"
+    )
+    assert both["fraction"] == pytest.approx(34 / 4 / 74)
+    assert both["formula"] == "34sbh/t"
+    # Two data replicas of 2-way TP: each device sees half the batch.
+    half = megatron_estimate(shape, batch=4, seq=512, tensor_parallel_size=2)
+    dp = megatron_estimate(
+        shape, batch=4, seq=512, tensor_parallel_size=2, data=2
+    )
+    assert dp["fraction"] == pytest.approx(half["fraction"] / 2)
+    config = catalogue.get("llama-small:tiny").config
+    assert transformer_shape(config) == {"h": 64, "a": 8, "layers": 2}
+    assert transformer_shape({"hidden_dim": 8}) is None
+
+
+def test_report_shows_activation_memory_without_a_threshold(tmp_path):
+    from keras_tensor_parallel.verify import report as report_lib
+    from keras_tensor_parallel.verify.activations import (
+        megatron_estimate,
+        note,
+    )
+    from keras_tensor_parallel.verify.checks import Check
+
+    estimate = megatron_estimate(
+        {"h": 64, "a": 4, "layers": 2}, batch=2, seq=32,
+        tensor_parallel_size=2, sequence_parallel=True,
+    )  # fmt: skip
+    detail = {
+        "per_device_temp_bytes": 3 * 2**20,
+        "single_device_temp_bytes": 8 * 2**20,
+        "estimate": estimate,
+        "sequence_parallel": True,
+        "recompute": None,
+    }
+    check = Check("activations", True, 3 / 8, None, detail)
+    row = report_lib.row_from_result(
+        check, seconds=1.0, tolerance=0, note=note(detail)
+    )
+    assert (row.status, row.threshold, row.passed) == ("info", None, True)
+    report = {
+        "model": "m", "world_size": 2, "checks": [row.to_dict()],
+        "settings": {"sequence_parallel": True},
+    }  # fmt: skip
+    files = report_lib.write_report(str(tmp_path), report)
+    assert os.path.getsize(files["activations"]) > 0
+    text = (tmp_path / "report.md").read_text()
+    assert "| activations | info | 0.3750 | - |" in text
+    assert "3.00 MiB per device vs 8.00 MiB on one device" in text
+    assert "Megatron estimate 0.500 of one device (sbh(34+5as/h)/t" in text
+    assert "TP + SP" in text and "## Activation memory per device" in text
+    assert "0/0 checks passed, 1 measured without a threshold" in text
