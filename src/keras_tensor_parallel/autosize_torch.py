@@ -98,9 +98,9 @@ def choose(
     ```
     """
     autosize.parse_memory(device_memory)  # a bad value fails before work
-    pass_ = ActivationPass.run(model, batch, world_size)
+    saved = ActivationPass.run(model, batch, world_size)
     return autosize.smallest_fit(
-        lambda t: measure(model, world_size, t, pass_, overrides=overrides),
+        lambda t: measure(model, world_size, t, saved, overrides=overrides),
         world_size,
         device_memory,
         sizes=sizes,
@@ -108,8 +108,9 @@ def choose(
     )
 
 
-def measure(model, world_size: int, t: int, pass_, *, overrides=None):
-    """`TorchNeed` of `model` on a `(world_size/t, t)` mesh of ranks."""
+def measure(model, world_size: int, t: int, saved, *, overrides=None):
+    """`TorchNeed` of `model` on a `(world_size/t, t)` mesh of ranks;
+    `saved` is the model's `ActivationPass`."""
     plan = torch_plan(model, t, overrides)
     trainable = {v.path for v in model.trainable_variables}
     params = sum(e.per_device_bytes(t) for e in plan)
@@ -121,20 +122,15 @@ def measure(model, world_size: int, t: int, pass_, *, overrides=None):
         params=params,
         optimizer=2 * grads + _adam_scalar_bytes(),
         gradients=grads,
-        activations=pass_.bytes_at(plan, model, math.ceil(pass_.rows / data)),
+        activations=saved.bytes_at(plan, model, math.ceil(saved.rows / data)),
     )
 
 
 def torch_plan(model, t: int, overrides=None):
-    """The plan the torch wrapper makes at size `t` (`model.py`)."""
-    try:  # the torch planner (padded and shared heads), where present
-        from keras_tensor_parallel.backends.torch_plan import plan_torch
-    except ImportError:
-        from keras_tensor_parallel.plan import plan_model
+    """The plan the torch wrapper makes at size `t` (`model.py`): padded
+    and shared heads, fused experts (`backends.torch_plan`)."""
+    from keras_tensor_parallel.backends.torch_plan import plan_torch
 
-        return plan_model(
-            model, t, overrides=overrides, slice_operands=False,
-            op_projections=True)  # fmt: skip
     return plan_torch(model, t, overrides=overrides)
 
 
