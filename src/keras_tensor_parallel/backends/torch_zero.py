@@ -13,14 +13,14 @@ same gradient). The optimizer is built on the slice variables, so each
 slot holds `1 / (data x model)` of a replica's. Each step
 
 1. reduce-scatters the gradients over the data group (every rank for
-   the replicated ones; DDP-sized buckets: one `reduce_scatter_tensor`
+   the replicated ones; DDP-sized buckets: one `reduce_scatter_single`
    each, summed then divided by the group's size), so each rank
    receives the data-axis mean of its pieces only;
 2. copies each parameter's piece into its slice variable (so weights set
    since, by `set_weights` or a checkpoint, are what the step updates)
    and runs the optimizer's own `apply` on the slices;
 3. all-gathers the updated pieces over the same groups (one
-   `all_gather_into_tensor` per bucket) back into the parameters.
+   `all_gather_single` per bucket) back into the parameters.
 
 A ring reduce-scatter plus all-gather sends the bytes of one all-reduce.
 Only elementwise optimizers are exact on pieces (`ELEMENTWISE`); clipping
@@ -233,7 +233,9 @@ class ZeroState:
             joined = torch.cat(parts)
             flat[r * width : r * width + joined.numel()] = joined
         mine = flat.new_empty(width)
-        dist.reduce_scatter_tensor(mine, flat, group=axis.group)
+        # torch 2.13 renamed reduce_scatter_tensor (now deprecated).
+        scatter = getattr(dist, "reduce_scatter_single", None)
+        (scatter or dist.reduce_scatter_tensor)(mine, flat, group=axis.group)
         COUNTS["reduce_scatter"] += 1
         COUNTS["reduce_scatter_bytes"] += flat.numel() * flat.element_size()
         # Over every rank each gradient is summed `model` times: the mean
@@ -258,7 +260,8 @@ class ZeroState:
         padded = mine.new_zeros(width)
         padded[: mine.numel()] = mine
         flat = mine.new_empty(axis.size * width)
-        dist.all_gather_into_tensor(flat, padded, group=axis.group)
+        gather = getattr(dist, "all_gather_single", None)
+        (gather or dist.all_gather_into_tensor)(flat, padded, group=axis.group)
         COUNTS["all_gather"] += 1
         COUNTS["all_gather_bytes"] += flat.numel() * flat.element_size()
         at = [r * width for r in range(axis.size)]
