@@ -77,6 +77,11 @@ def _case(name: str, out_dir: str):
     plan = tp.plan
     res = {"forward": _rel(_first(tp, x), expected)}
     res["roles"] = {e.path: e.role.value for e in plan}
+    res["torch"] = {
+        e.path: [e.copies, getattr(e, "parts", 1), getattr(e, "sum_grad", 0)]
+        for e in plan
+    }
+    res["reasons"] = {e.path: e.reason for e in plan}
     res["local"] = {v.path: list(v.value.shape) for v in cand.variables}
     res["planned"] = {
         e.path: list(_rank_shape(e, rank, plan.world_size)) for e in plan
@@ -199,6 +204,28 @@ CASES = {
 }
 
 
+def _check_plan(name, res):
+    """What torch holds beyond a plain split: shared kv heads (copies),
+    uneven real heads, fused parts, summed partial gradients."""
+    extra, reasons = res["torch"], res["reasons"]
+
+    def first(suffix):
+        return next(p for p in extra if p.endswith(suffix))
+
+    if name == "qwen3-kv2":
+        for proj in ("key", "value"):
+            path = first(f"self_attention/{proj}/kernel")
+            assert extra[path][0] == 2, extra
+            assert "holds the 1 its query" in reasons[path]
+        assert extra[first("query_dense_layernorm/scale")][2], extra
+    if name == "opt-6-heads":
+        assert "ranks hold 2, 2, 1, 1" in reasons[first("query/kernel")]
+    if name == "qwen3-moe":
+        assert extra[first("experts/expert_feedforward_gate_dense")][1] == 2
+    if name in ("mixtral", "own-weights"):
+        assert all(v == [1, 1, False] for v in extra.values()), extra
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     from ranks import launch
@@ -234,7 +261,7 @@ def test_weights_split_and_train_as_one_process(results, name):
         assert res["counts"]["weight"] == 0, res["counts"]
         for key, count in expected_counts.items():
             assert res["counts"][key] == count, res["counts"]
-        # Each rank holds its shard only: the plan's per-device shapes.
+        # Each rank holds its shard only (shapes computed independently).
         assert res["local"] == res["planned"], res
         assert res["bytes"] == res["planned_bytes"], res
         assert res["forward"] <= 1e-5, res
@@ -243,6 +270,7 @@ def test_weights_split_and_train_as_one_process(results, name):
         assert res["grads"] <= 1e-5, res
         assert res["weights"] <= 1e-4, (res["worst"], res["weights"])
         assert res["after"] <= 1e-5, res
+    _check_plan(name, results[0])
     full = sum(
         math.prod(s) * 4
         for p, s in results[0]["local"].items()

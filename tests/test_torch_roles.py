@@ -181,6 +181,53 @@ def _no_row_form(res, shard):
         res["conv_row"] = str(e)
 
 
+def _shared_and_fused(res, shard):
+    """A kv head shared by both ranks (copies=2): each holds it whole, the
+    gradient is summed over the pair; a fused (2 parts) kernel holds its
+    block of each part; gathers, assign and undo give back the original."""
+    import keras
+    import torch
+
+    from keras_tensor_parallel.backends import torch_roles as roles
+    from keras_tensor_parallel.backends.torch_plan import TorchVariablePlan
+    from keras_tensor_parallel.plan import Role, ShardingPlan
+
+    rng = np.random.RandomState(5)
+    kv = rng.randn(3, 1, 2).astype("float32")
+    fused = rng.randn(2, 3, 8).astype("float32")
+    entry = _entry("kv", (3, 1, 2), 1, "heads", "l")
+    entry = TorchVariablePlan(**{**vars(entry), "copies": 2})
+    plan = ShardingPlan(2, (entry,))
+    styles = roles.styles_for(None, plan)  # makes the pair's subgroup
+    v = keras.Variable(kv, name="kv")
+    cls = type(v)
+    styles[Role.HEADS].partition(v, entry, shard)
+    res["shared_local"] = bool(np.array_equal(np.asarray(v.value.detach()), kv))
+    res["shared_gather"] = bool(np.array_equal(np.asarray(v), kv))
+    weight = torch.full(kv.shape, float(shard.rank + 1))
+    torch.sum(v.value * weight).backward()
+    res["shared_grad"] = float(np.max(np.abs(v.value.grad.numpy() - 3.0)))
+    styles[Role.HEADS].undo(v, roles.full_value(v))
+    res["shared_undo"] = type(v) is cls and not hasattr(v, "_tp_hook")
+    e = _entry("fused", (2, 3, 8), 2, "column", "l")
+    e = TorchVariablePlan(**{**vars(e), "parts": 2})
+    w = keras.Variable(fused, name="fused")
+    styles[Role.COLUMN].partition(w, e, shard)
+    r = shard.rank
+    want = np.concatenate([fused[..., 2 * r : 2 * r + 2],
+                           fused[..., 4 + 2 * r : 6 + 2 * r]], -1)  # fmt: skip
+    res["fused_local"] = bool(np.array_equal(w.value.detach().numpy(), want))
+    res["fused_gather"] = bool(np.array_equal(np.asarray(w), fused))
+    w.assign(fused * 2)
+    res["fused_assign"] = bool(np.array_equal(np.asarray(w), fused * 2))
+    styles[Role.COLUMN].undo(w, roles.full_value(w))
+    res["fused_undo"] = bool(
+        type(w) is cls
+        and np.array_equal(np.asarray(w.value.detach()), fused * 2)
+        and not any(k.startswith("_tp_") for k in vars(w))
+    )
+
+
 def worker(out_path: str) -> None:
     import torch.distributed as dist
 
@@ -190,7 +237,8 @@ def worker(out_path: str) -> None:
     tc.ensure_process_group()
     shard = roles.Shard(dist.get_rank(), dist.get_world_size(), roles.Region())
     res = {"rank": shard.rank}
-    for case in (_partition_undo, _mlp_forward, _einsum_row, _vocab):
+    cases = (_partition_undo, _mlp_forward, _einsum_row, _vocab)
+    for case in (*cases, _shared_and_fused):
         case(res, shard)
     _no_row_form(res, shard)
     with open(f"{out_path}.{shard.rank}", "w") as fh:
@@ -243,6 +291,26 @@ def test_vocab_lookup_and_reverse_head_on_an_odd_vocab(results):
 def test_a_kernel_without_an_einsum_form_has_no_row_style(results):
     for res in results:
         assert "No row-parallel form" in res["conv_row"], res
+
+
+@pytest.mark.torch
+def test_shared_kv_head_and_fused_kernel_split_gather_and_undo(results):
+    for res in results:
+        assert res["shared_local"] and res["shared_gather"], res
+        assert res["shared_grad"] == 0.0, res  # 1 + 2 summed over the pair
+        assert res["shared_undo"], res
+        for key in ("local", "gather", "assign", "undo"):
+            assert res[f"fused_{key}"], (key, res)
+
+
+def test_loading_into_shards_refuses_shared_kv_heads_before_placing():
+    from keras_tensor_parallel.loading import place_torch
+    from keras_tensor_parallel.plan import ShardingPlan
+
+    entry = _entry("kv", (3, 2, 2), 1, "heads", "l")
+    plan = ShardingPlan(4, (type(entry)(**{**vars(entry), "copies": 2}),))
+    with pytest.raises(ValueError, match="shared by several ranks"):
+        place_torch.place_local([], plan)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def undo(variable, full) -> None:
     variable.__dict__.pop("_tp_copies", None)
     if "_tp_parts" in variable.__dict__:
         del variable._tp_parts
-        variable.__class__ = type(variable).__mro__[3]
+        mro = type(variable).__mro__
+        variable.__class__ = mro[mro.index(roles._SplitMixin) + 1]
         for name in roles._SPLIT_ATTRS:
             variable.__dict__.pop(f"_tp_{name}", None)
         roles._set_value(variable, full)
