@@ -141,8 +141,8 @@ def cheapest(graph, n, found: list[tuple], reasons=()) -> tuple:
             )
         if experts and reasons:
             return region, (
-                f" (split inside each expert: expert parallel is not exact "
-                f"here, {reasons[0]})"
+                f" (split inside each expert, not expert parallel: "
+                f"{reasons[0]})"
             )
         return region, ""
     return region, (
