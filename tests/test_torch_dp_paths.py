@@ -127,6 +127,14 @@ def _auto_case() -> dict:
     # A replica trains on 2 of the 4 rows: what autograd keeps there.
     saved = autosize_torch.saved_tensors(tp.wrapped_model, x[:2], y[:2])
     out["activations"] = [sum(s.nbytes for s in saved), needs[2].activations]
+    # The pass runs in training mode: batch-norm statistics are put back.
+    inp = keras.Input((8,))
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(16)(inp))
+    norm = keras.Model(inp, keras.layers.Dense(4)(h))
+    before = [_np(v.value).copy() for v in norm.non_trainable_variables]
+    autosize_torch.ActivationPass.run(norm, None, 4)
+    after = [_np(v.value) for v in norm.non_trainable_variables]
+    out["state_kept"] = all(map(np.array_equal, before, after))
     return out
 
 
@@ -191,6 +199,7 @@ def test_auto_size_is_computed_alike_on_every_rank(results):
         assert a["params"][0] == a["params"][1], a
         assert a["optimizer"][0] == a["optimizer"][1], a
         assert a["activations"][0] == a["activations"][1], a
+        assert a["state_kept"], a
     totals = {int(t): v for t, v in first["totals"].items()}
     assert totals[1] > totals[2] > totals[4]
     # Rank 0 prints the table autosize prints on JAX; the others nothing.

@@ -244,7 +244,8 @@ def _kind(roles: set) -> str:
 
 def saved_tensors(model, x, y) -> list[Saved]:
     """What autograd keeps for backward in `loss(y, model(x))` (training
-    mode), each storage once, the model's variables left out."""
+    mode), each storage once, the model's variables left out; the model's
+    non-trainable state is restored after."""
     import torch
 
     from keras_tensor_parallel.backends.base import Journal
@@ -263,6 +264,11 @@ def saved_tensors(model, x, y) -> list[Saved]:
             seen[key] = Saved(tensor.untyped_storage().nbytes(), where)
         return tensor
 
+    # Training mode moves state (batch-norm statistics, dropout seeds):
+    # put it back, so the model is left as it was.
+    state = [
+        (v, v.value.detach().clone()) for v in model.non_trainable_variables
+    ]
     journal = Journal()
     for layer in model._flatten_layers(include_self=False):
         journal.setattr(layer, "call", _tracked(layer, stack))
@@ -273,6 +279,9 @@ def saved_tensors(model, x, y) -> list[Saved]:
         del out, loss
     finally:
         journal.undo()
+        with torch.no_grad():
+            for v, old in state:
+                v.value.copy_(old)
     return list(seen.values())
 
 
