@@ -385,6 +385,16 @@ def test_bad_auto_arguments(size, memory, rule):
     assert not getattr(model, "_tp_wrapped", False)
 
 
+def test_auto_is_refused_on_tensorflow_before_any_work():
+    from keras_tensor_parallel import devices
+
+    with pytest.raises(ValueError, match="on the tensorflow engine") as info:
+        devices.tensor_parallel_size(
+            "auto", ["cpu:0", "cpu:1"], "tensorflow", device_memory="16GB"
+        )
+    assert "computes it on the torch engine" in str(info.value)
+
+
 # ZeRO stage 1: optimizer slots split over the data axis too -----------------
 
 
