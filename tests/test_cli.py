@@ -81,15 +81,28 @@ def test_bad_world_size_is_usage_error(capsys):
 
 
 def test_verify_writes_report_and_tolerance_zero_fails(tmp_path, capsys):
+    # With sequence parallelism (issue 16): every check on the SP model,
+    # and the train step's activation memory shown beside the parameters'.
     out = tmp_path / "rep"
     args = ["verify", "seed-attention", "-n", "2", "--steps", "2"]
+    args += ["--sequence-parallel"]
     status = cli.main([*args, "--out", str(out), "--tolerance", "0"])
     assert status == 1  # --tolerance 0: no inexact check can pass
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False
     assert report["tolerance"] == 0
+    assert report["settings"]["sequence_parallel"] is True
     assert (out / "report.md").read_text().startswith("# keras-tp verify")
     assert (out / "memory.png").exists()
+    assert (out / "activations.png").exists()
+    rows = {c["name"]: c for c in report["checks"]}
+    acts = rows["activations"]  # a figure, not held to --tolerance
+    assert acts["passed"] and acts["threshold"] is None
+    detail = acts["detail"]
+    assert detail["sequence_parallel"] is True
+    per_device = detail["per_device_temp_bytes"]
+    assert 0 < per_device < 0.8 * detail["single_device_temp_bytes"]
+    assert "MiB per device vs" in acts["note"]
 
 
 def test_verify_nothing_split_is_na_not_fail(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""`keras-tp comms --sequence-parallel [--recompute attention]` (issue 16):
-the flags, and the wrap they ask for. Parsing only until `wrap` runs."""
+"""`keras-tp comms|verify --sequence-parallel [--recompute attention]`
+(issue 16): the flags, and the wrap they ask for. Parsing only until
+`wrap` runs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "--sequence-parallel",
         action="store_true",
         help="split the activations between tensor-parallel regions along "
-        "the sequence (Megatron-SP, JAX): compare the ring traffic with "
-        "plain tensor parallelism",
+        "the sequence (Megatron-SP, JAX)",
     )
     p.add_argument(
         "--recompute",

@@ -85,8 +85,10 @@ def compare_forward(
     seed: int = 0,
     threshold=1e-5,
     tensor_parallel_size: int | None = None,
+    **activations,
 ) -> Check:
-    """Forward outputs of the TP model vs the single-device model.
+    """Forward outputs of the TP model vs the single-device model
+    (`activations`: `sequence_parallel`, `recompute` for the TP model).
 
     `value` is max abs diff / max(1, max |reference output|).
 
@@ -102,6 +104,7 @@ def compare_forward(
         world_size,
         seed=seed,
         tensor_parallel_size=tensor_parallel_size,
+        **activations,
     )
     ref_out = _flat_outputs(reference(inputs, training=False))
     with tp.engine.scope():
@@ -148,8 +151,10 @@ def compare_gradients(
     threshold: float = 1e-5,
     dtype_policy=None,
     tensor_parallel_size: int | None = None,
+    **activations,
 ) -> Check:
-    """Every variable's gradient, TP (gathered, unpadded) vs single device.
+    """Every variable's gradient, TP (gathered, unpadded) vs single device
+    (`activations`: `sequence_parallel`, `recompute` for the TP model).
 
     Per variable, `max|g_tp - g_ref| / max(1, max|g_ref|)`; `value` is the
     worst. `detail["per_variable"]` maps path -> max abs diff (a histogram's
@@ -170,6 +175,7 @@ def compare_gradients(
         seed=seed,
         dtype_policy=dtype_policy,
         tensor_parallel_size=tensor_parallel_size,
+        **activations,
     )
     ref = model_gradients(reference, inputs, loss_fn)
     ref = {k: np.asarray(g) for k, g in ref.items()}

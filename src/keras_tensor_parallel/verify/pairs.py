@@ -74,10 +74,14 @@ def build_tp_pair(
     seed: int = 0,
     dtype_policy=None,
     tensor_parallel_size: int | None = None,
+    sequence_parallel: bool = False,
+    recompute: str | None = None,
 ):
     """`(reference, tp)`: a single-device model and an independently built
     `TensorParallelKeras` with the same weights and RNG seed state, on a
-    `(data, model=tensor_parallel_size)` mesh (default: model=world_size).
+    `(data, model=tensor_parallel_size)` mesh (default: model=world_size),
+    with `sequence_parallel` / `recompute` as `TensorParallelKeras` takes
+    them.
 
     Example:
 
@@ -98,5 +102,7 @@ def build_tp_pair(
         candidate,
         world_size=world_size,
         tensor_parallel_size=tensor_parallel_size,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
     )
     return reference, tp

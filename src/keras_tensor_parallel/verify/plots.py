@@ -163,6 +163,74 @@ def memory_bars(
     return _save(fig, path)
 
 
+def activation_bars(
+    path: str,
+    single: int,
+    per_device: int,
+    *,
+    world_size: int,
+    estimate: float | None = None,
+    formula: str = "",
+    variant: str = "TP",
+    title: str = "Train-step activation (temp) memory per device",
+) -> str:
+    """Two bars in MiB: the compiled train step's temp memory on one
+    device and on each of `world_size` devices (one SPMD program: every
+    device's is the same), with the Megatron estimate (a fraction of one
+    device's) as a dashed line."""
+    plt = _pyplot()
+    values = [single / MIB, per_device / MIB]
+    labels = ["single\ndevice", f"{variant}, each of\n{world_size} devices"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    ax.bar([0, 1], values, color=[_SINGLE, _TP])
+    for x, v in enumerate(values):
+        frac = v / values[0] if values[0] else 0
+        ax.text(x, v, f"{v:.3g} MiB\n({frac:.0%})", ha="center",
+                va="bottom", fontsize=8)  # fmt: skip
+    if estimate is not None:
+        ax.axhline(
+            estimate * values[0],
+            color="grey",
+            ls=":",
+            label=f"Megatron estimate {estimate:.2f} ({formula})",
+        )
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_ylim(0, max(values) * 1.3 if max(values) else 1)
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def variant(settings: dict) -> str:
+    """`TP`, `TP + SP`, `TP + recompute`, `TP + SP + recompute`."""
+    words = ["TP"]
+    if settings.get("sequence_parallel"):
+        words.append("SP")
+    if settings.get("recompute"):
+        words.append("recompute")
+    return " + ".join(words)
+
+
+def activation_report_bars(
+    path: str, detail: dict, *, model: str, world_size: int
+) -> str:
+    """`activation_bars` from an activation check's detail."""
+    est = detail.get("estimate") or {}
+    return activation_bars(
+        path,
+        detail["single_device_temp_bytes"],
+        detail["per_device_temp_bytes"],
+        world_size=world_size,
+        estimate=est.get("fraction"),
+        formula=est.get("formula", ""),
+        variant=variant(detail),
+        title=f"{model}: train-step temp memory per device",
+    )
+
+
 def grad_diff_hist(
     path: str,
     diffs: dict,

@@ -44,10 +44,18 @@ class CheckRow:
     skipped: bool = False
 
     @property
+    def info(self) -> bool:
+        """A measured figure with no threshold: shown, never failed."""
+        return self.threshold is None and self.value is not None
+
+    @property
     def status(self) -> str:
-        """`PASS`, `FAIL`, `ERROR` (could not run) or `n/a`."""
+        """`PASS`, `FAIL`, `ERROR` (could not run), `n/a`, or `info` (a
+        figure shown without a threshold, e.g. activation memory)."""
         if self.skipped:
             return "n/a"
+        if self.info:
+            return "info"
         if self.passed:
             return "PASS"
         return "ERROR" if self.error else "FAIL"
@@ -80,7 +88,7 @@ def row_from_result(
             note=str(detail.get("reason", "nothing to check")),
             skipped=True,
         )
-    if tolerance is not None and value is not None:
+    if tolerance is not None and value is not None and threshold is not None:
         threshold = float(tolerance)
         passed = value <= threshold
     return CheckRow(
@@ -134,7 +142,13 @@ def summary_rows(rows: list[CheckRow]) -> list[tuple[str, ...]]:
 
 
 SUMMARY_HEADER = ("check", "result", "measured", "threshold", "what", "s")
-STATUS_COLORS = {"PASS": "green", "FAIL": "red", "ERROR": "red", "n/a": "dim"}
+STATUS_COLORS = {
+    "PASS": "green",
+    "FAIL": "red",
+    "ERROR": "red",
+    "n/a": "dim",
+    "info": "cyan",
+}
 
 
 def rich_table(rows: list[CheckRow], *, title: str = ""):
@@ -153,7 +167,7 @@ def rich_table(rows: list[CheckRow], *, title: str = ""):
             f"[{color}]{cells[1]}[/]",
             *cells[2:4],
             cells[5],
-            r.error or (r.note if r.skipped else ""),
+            r.error or (r.note if r.skipped or r.info else ""),
         )
     return table
 
@@ -223,6 +237,14 @@ def draw_plots(out_dir: str, report: dict) -> dict:
                 per_device,
                 title=f"{report['model']}: bytes per device, world size {n}",
             )
+    acts = _check(report, "activations")
+    if acts and "per_device_temp_bytes" in acts.get("detail", {}):
+        files["activations"] = plots.activation_report_bars(
+            os.path.join(out_dir, "activations.png"),
+            acts["detail"],
+            model=report["model"],
+            world_size=n,
+        )
     grads = _check(report, "gradients")
     if grads:
         diffs = grad_diffs(grads["detail"])
@@ -293,10 +315,13 @@ def _mesh_words(report: dict) -> str:
 def _markdown_head(report: dict, checks: list[CheckRow]) -> list[str]:
     ok = all(c.passed for c in checks)
     skipped = sum(c.skipped for c in checks)
-    passed = sum(c.passed and not c.skipped for c in checks)
-    counted = f"{passed}/{len(checks) - skipped} checks passed"
+    info = sum(c.info for c in checks)
+    passed = sum(c.passed and not c.skipped and not c.info for c in checks)
+    counted = f"{passed}/{len(checks) - skipped - info} checks passed"
     if skipped:
         counted += f", {skipped} with nothing to check (n/a)"
+    if info:
+        counted += f", {info} measured without a threshold (info)"
     lines = [
         f"# keras-tp verify: {report['model']}, world size "
         f"{report['world_size']}{_mesh_words(report)}",
@@ -310,6 +335,10 @@ def _markdown_head(report: dict, checks: list[CheckRow]) -> list[str]:
         f"- run: {report.get('started', '')}, "
         f"{report.get('duration_s', 0):.0f} s in all",
     ]
+    variant = plots.variant(report.get("settings") or {})
+    if variant != "TP":
+        lines.append(f"- tensor parallelism: {variant} (sequence parallel, "
+                     "attention recomputation as asked)")  # fmt: skip
     if report.get("tolerance") is not None:
         lines.append(
             f"- **every threshold was replaced by --tolerance "
@@ -330,6 +359,12 @@ _PLOT_SECTIONS = (
     ("memory", "Memory per device", "memory per device",
      "Parameters and optimizer state actually held by each device "
      "(from the shards), against the whole model on one device."),
+    ("activations", "Activation memory per device", "activation memory",
+     "Temp memory of the compiled train step (XLA's memory analysis: "
+     "activations kept for backward, gradients, workspace) on one device "
+     "and on each device under tensor parallelism, for the training "
+     "check's model and one batch; the dotted line is the Megatron "
+     "estimate of the activations (Korthikanti et al. 2022)."),
     ("grad_diffs", "Gradient differences", "gradient differences",
      "Largest absolute difference between the TP gradient and the "
      "single-device gradient, one count per variable."),

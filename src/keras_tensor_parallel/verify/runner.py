@@ -23,6 +23,7 @@ _METRICS = {
     "loss_per_step": "max relative loss difference over steps",
     "weights": "max relative weight difference after the last step",
     "optimizer_slots": "Adam slots not sharded like their parameter (0/1)",
+    "activations": "worst device's train-step temp memory / one device's",
 }
 _ROW_NAMES = {
     "loss_per_step": "training loss",
@@ -51,6 +52,8 @@ class ConsoleProgress:
             figure = r.error or f"{fmt(r.value)} <= {fmt(r.threshold)}"
             if r.skipped:
                 figure = r.note
+            elif r.info:
+                figure = f"{fmt(r.value)}: {r.note}"
             self.console.print(
                 f"{self._prefix} {r.name:<16} {status}  {figure}  "
                 f"({r.seconds:.1f} s)"
@@ -76,11 +79,15 @@ def run_checks(
     tolerance=None,
     progress=None,
     tensor_parallel_size: int | None = None,
+    sequence_parallel: bool = False,
+    recompute: str | None = None,
 ) -> VerifyResult:
-    """Forward, gradients, memory and training checks of `spec` (a
-    `catalogue.ModelSpec`) at `world_size` against one device, on a
-    `(data, model=tensor_parallel_size)` mesh (default: model=world_size).
-    A check that raises becomes an ERROR row; the others still run.
+    """Forward, gradients, memory, activation memory and training checks
+    of `spec` (a `catalogue.ModelSpec`) at `world_size` against one
+    device, on a `(data, model=tensor_parallel_size)` mesh (default:
+    model=world_size), with `sequence_parallel` / `recompute` as
+    `TensorParallelKeras` takes them. A check that raises becomes an
+    ERROR row; the others still run.
 
     Example:
 
@@ -96,24 +103,40 @@ def run_checks(
     require_jax("keras-tp verify")
     x = spec.inputs(batch_size, seq_len, seed)
     kw = {"seed": seed, "tensor_parallel_size": tensor_parallel_size}
+    act = {"sequence_parallel": sequence_parallel, "recompute": recompute}
+    cache: dict = {}
+
+    def case():  # the training check's model and data, made once
+        if not cache:
+            cache.update(_case(spec, steps=steps, batch_size=batch_size,
+                               seq_len=seq_len, seed=seed,
+                               train_model=train_model))  # fmt: skip
+        return cache
+
     jobs = [
         ("forward", lambda: [checks.compare_forward(
-            spec.build, world_size, inputs=x, **kw)]),
+            spec.build, world_size, inputs=x, **kw, **act)]),
         ("gradients", lambda: [checks.compare_gradients(
-            spec.build, world_size, inputs=x, **kw)]),
+            spec.build, world_size, inputs=x, **kw, **act)]),
         ("memory", lambda: [checks.memory_check(
             spec.build, world_size, **kw)]),
+        ("activations", lambda: [_activations(
+            case(), world_size, batch_size, **kw, **act)]),
     ]  # fmt: skip
     training: dict = {}
 
     def train_job():
         result, training["data"] = _training(
-            spec, world_size, steps=steps, batch_size=batch_size,
-            seq_len=seq_len, train_model=train_model, **kw,
+            case(), world_size, steps=steps, batch_size=batch_size,
+            seq_len=seq_len, **kw, **act,
         )  # fmt: skip
         return result.checks
 
     jobs.append(("training", train_job))
+    return _run_all(jobs, tolerance, progress, training, spec, kw, world_size)
+
+
+def _run_all(jobs, tolerance, progress, training, spec, kw, world_size):
     rows: list[CheckRow] = []
     for i, (name, job) in enumerate(jobs, 1):
         if progress:
@@ -122,12 +145,15 @@ def run_checks(
         rows += new
         if progress:
             progress.done(new)
-    summary = _plan_summary(spec, tensor_parallel_size or world_size, seed)
+    tp_size = kw["tensor_parallel_size"] or world_size
+    summary = _plan_summary(spec, tp_size, kw["seed"])
     return VerifyResult(rows, training.get("data"), summary)
 
 
 def _run_job(name, job, tolerance, training) -> list[CheckRow]:
     """The rows of one job (several for training), or one ERROR row."""
+    from keras_tensor_parallel.verify import activations
+
     t0 = time.time()
     try:
         results = job()
@@ -139,6 +165,8 @@ def _run_job(name, job, tolerance, training) -> list[CheckRow]:
         note = ""
         if result.name == "loss_per_step":
             note = training["data"]["note"]
+        if result.name == "activations":
+            note = activations.note(result.detail)
         row = row_from_result(
             result,
             seconds=seconds,
@@ -153,15 +181,10 @@ def _run_job(name, job, tolerance, training) -> list[CheckRow]:
     return rows
 
 
-def _training(
-    spec, world_size, *, steps, batch_size, seq_len, seed, train_model,
-    tensor_parallel_size=None,
-):  # fmt: skip
-    """The paired training run: a causal LM on real text when `spec` is
-    one, else regression to random targets; `(comparison, report data)`."""
+def _case(spec, *, steps, batch_size, seq_len, seed, train_model) -> dict:
+    """The training check's model and data: a causal LM on real text when
+    `spec` is one, else regression to random targets."""
     import keras
-
-    from keras_tensor_parallel.verify import training
 
     if spec.causal_lm:
         trained, build, x, y = _lm_case(
@@ -177,20 +200,43 @@ def _training(
         loss = keras.losses.MeanSquaredError()
         source = "random regression targets (mse)"
         note = f"not a token LM: {source}"
+    return {"trained": trained, "build": build, "x": x, "y": y,
+            "loss": loss, "source": source, "note": note}  # fmt: skip
+
+
+def _activations(case, world_size, batch_size, **kw):
+    """The activation-memory check on the training model's first batch."""
+    from keras_tensor_parallel.verify import activations, training
+
+    rows = slice(0, batch_size)
+    return activations.activation_check(
+        case["build"], world_size, inputs=training._take(case["x"], rows),
+        targets=case["y"][rows], loss=case["loss"],
+        config=case["trained"].config, **kw,
+    )  # fmt: skip
+
+
+def _training(case, world_size, *, steps, batch_size, seq_len, seed, **kw):
+    """The paired training run on `case` (see `_case`): `(comparison,
+    report data)`."""
+    import keras
+
+    from keras_tensor_parallel.verify import training
+
     result = training.compare_training(
-        build, world_size, inputs=x, targets=y, loss=loss,
+        case["build"], world_size, inputs=case["x"], targets=case["y"],
+        loss=case["loss"],
         optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
-        steps=steps, batch_size=batch_size, seed=seed,
-        tensor_parallel_size=tensor_parallel_size,
+        steps=steps, batch_size=batch_size, seed=seed, **kw,
     )  # fmt: skip
     return result, {
         "losses_single": [float(v) for v in result.losses_single],
         "losses_tp": [float(v) for v in result.losses_tp],
         "max_loss_rel_diff": float(result.max_loss_rel_diff),
         "max_weight_rel_diff": float(result.max_weight_rel_diff),
-        "model": trained.description,
-        "data": source,
-        "note": note,
+        "model": case["trained"].description,
+        "data": case["source"],
+        "note": case["note"],
         "steps": steps,
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -273,6 +319,8 @@ def report_dict(spec, args, device_ids, result, *, started, tolerance):
             "seq_len": args.seq_len,
             "seed": args.seed,
             "train_model": args.train_model,
+            "sequence_parallel": getattr(args, "sequence_parallel", False),
+            "recompute": getattr(args, "recompute", None),
         },
         "tolerance": tolerance,
         "passed": all(r.passed for r in result.rows),

@@ -197,6 +197,7 @@ def compare_training(
     loss_rtol: float = 1e-5,
     weight_rtol: float = 1e-4,
     tensor_parallel_size: int | None = None,
+    **activations,
 ) -> TrainingComparison:
     """Train a single-device model and an independently built TP model.
 
@@ -214,6 +215,7 @@ def compare_training(
         dtype_policy: e.g. `"float64"` or `"mixed_bfloat16"` while building.
         loss_rtol, weight_rtol: Bounds for the checks.
         tensor_parallel_size: The model axis (default `world_size`).
+        activations: `sequence_parallel`, `recompute` for the TP model.
 
     Example:
 
@@ -228,7 +230,7 @@ def compare_training(
     _check_rows(inputs, steps * batch_size)
     kw = {"dtype_policy": dtype_policy, "seed": seed}
     kw["tensor_parallel_size"] = tensor_parallel_size
-    reference, tp = build_tp_pair(model_fn, world_size, **kw)
+    reference, tp = build_tp_pair(model_fn, world_size, **kw, **activations)
     first = slice(0, batch_size)
     null = null_gradient_variables(
         reference, _take(inputs, first), targets[first], loss
