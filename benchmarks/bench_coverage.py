@@ -174,7 +174,7 @@ def experts_row(name: str, split: str) -> str:
     )
     keras.Model.compile(tp, optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     report = comms.analyze(tp, row.n, batch_size=2, seq_len=16)
-    per_token = found.group(1) if found else "not exact: forced"
+    per_token = found.group(1) if found else "refused (fused gate/up), forced"
     return (
         f"| {name} | {row.n} | {split} | {tp.plan.per_device_bytes} | {bank} "
         f"| {per_token} | {report.train_bytes} | "

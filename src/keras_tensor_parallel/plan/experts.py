@@ -16,10 +16,13 @@ outputs weighted by the router. Two splits are exact:
   weighted sum, and the input gradient of gate/up once backward.
 
 Both hold the same kernel bytes per device. The choice: fewer bytes per
-device first, then fewer all-reduced values per training step (forward
-plus backward, counted as `comms/minimum.py` counts a region: the output
-of what ends it, the input gradient of what starts it), then padding
-avoided; ties keep label order (the major dim first, so expert parallel).
+device first, then no padding, then fewer all-reduced values per training
+step (forward plus backward, counted as `comms/minimum.py` counts a
+region: the output of what ends it, the input gradient of what starts
+it, plus the routing weights' gradient); ties keep label order (the major
+dim first, so expert parallel). Mixtral (hidden 32, 4 experts, top 2):
+66 values per token expert parallel, 4 x 32 + 32 = 160 inside each
+expert.
 """
 
 from __future__ import annotations
@@ -115,16 +118,14 @@ def train_elements(graph, region) -> tuple[int, int]:
 
 def cheapest(graph, n, found: list[tuple], reasons=()) -> tuple:
     """(region, why) of the candidate with the fewest bytes per device,
-    then the fewest all-reduced values per training step, then no
-    padding; ties keep label order (major first). `why` is empty unless
+    then no padding, then the fewest all-reduced values per training
+    step; ties keep label order (major first). `why` is empty unless
     the choice beat another candidate or an expert bank could be split
     one way only (then `reasons` says why not the other)."""
 
     def cost(region):
-        return (-split_elements(region), region.pad > 0, *_total(region))
-
-    def _total(region):
-        return (sum(train_elements(graph, region)),)
+        total = sum(train_elements(graph, region))
+        return (-split_elements(region), region.pad > 0, total)
 
     best = min(range(len(found)), key=lambda i: (cost(found[i][1]), i))
     region = found[best][1]
