@@ -139,8 +139,7 @@ def _add_plan(p) -> None:
 
 def _add_verify(v) -> None:
     _common(v)
-    cli_mesh.add_tp_size(v)
-    cli_sequence.add_flags(v)
+    cli_sequence.add_mesh_flags(v)
     v.add_argument("--steps", type=_positive, default=8, help="train steps")
     v.add_argument("--batch-size", type=_positive, default=2)
     v.add_argument("--seq-len", type=_positive, default=32)
@@ -329,9 +328,7 @@ def _run_verify(args) -> int:
         train_model=args.train_model,
         tolerance=args.tolerance,
         progress=runner.ConsoleProgress(console),
-        tensor_parallel_size=args.tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        recompute=args.recompute,
+        **cli_sequence.tp_options(args),
     )
     report = runner.report_dict(
         spec, args, ids, result, started=started, tolerance=args.tolerance

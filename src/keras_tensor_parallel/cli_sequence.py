@@ -23,6 +23,24 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mesh_flags(p: argparse.ArgumentParser) -> None:
+    """`-t TP` (cli_mesh) and the flags above (`verify`)."""
+    from keras_tensor_parallel import cli_mesh
+
+    cli_mesh.add_tp_size(p)
+    add_flags(p)
+
+
+def tp_options(args: argparse.Namespace) -> dict:
+    """`tensor_parallel_size`, `sequence_parallel` and `recompute` as the
+    parsed flags give them, for `TensorParallelKeras` or `run_checks`."""
+    return {
+        "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
+        "sequence_parallel": getattr(args, "sequence_parallel", False),
+        "recompute": getattr(args, "recompute", None),
+    }
+
+
 def wrap(model, args: argparse.Namespace):
     """`model` wrapped as the flags ask, or as it is without them (the
     command wraps it as before).

@@ -98,30 +98,20 @@ def train_step_temp(model, x, y) -> int:
 
 
 def activation_check(
-    model_fn,
-    world_size: int,
-    *,
-    inputs,
-    targets,
-    loss,
-    seed: int = 0,
-    tensor_parallel_size: int | None = None,
-    sequence_parallel: bool = False,
-    recompute: str | None = None,
-    config=None,
-) -> Check:
-    """Temp memory per device of the train step (Adam, `loss` on one batch)
-    under tensor parallelism, as a fraction of one device's: one compile
-    each. A figure shown, not a pass/fail check (`threshold` None): at
-    small shapes the gradients and collective buffers are a large part
-    of the temp memory, and no bound holds for every model.
-    `detail["estimate"]` is the Megatron estimate for `config` (a
-    KerasHub-style config; None when it is not a transformer's).
+    model_fn, world_size: int, *, inputs, targets, loss, seed: int = 0,
+    tensor_parallel_size: int | None = None, sequence_parallel=False,
+    recompute: str | None = None, config=None,
+) -> Check:  # fmt: skip
+    """Temp memory per device of the train step (Adam, `loss` on one
+    batch) under tensor parallelism as a fraction of one device's (one
+    compile each), with the Megatron estimate for `config` (KerasHub
+    style) in `detail["estimate"]`. A figure, not a pass/fail check
+    (`threshold` None): at small shapes gradients and collective buffers
+    are much of the temp memory, and no bound holds for every model.
 
     Example:
 
     ```python
-    spec = catalogue.get("opt-125m:tiny")
     check = activation_check(spec.build, 2, inputs=x, targets=y,
                              loss="mse", config=spec.config)
     ```
@@ -134,17 +124,14 @@ def activation_check(
     one = train_step_temp(single, inputs, targets)
     keras.utils.set_random_seed(seed)
     tp = TensorParallelKeras(
-        model_fn(),
-        world_size=world_size,
+        model_fn(), world_size=world_size,
         tensor_parallel_size=tensor_parallel_size,
-        sequence_parallel=sequence_parallel,
-        recompute=recompute,
-    )
+        sequence_parallel=sequence_parallel, recompute=recompute,
+    )  # fmt: skip
     tp.compile(optimizer="adam", loss=loss)
     per_device = train_step_temp(tp, inputs, targets)
     t = tensor_parallel_size or world_size
-    shape = transformer_shape(config)
-    batch, seq = _batch_seq(inputs)
+    shape, (batch, seq) = transformer_shape(config), _batch_seq(inputs)
     estimate = None
     if shape is not None and seq is not None:
         estimate = megatron_estimate(
@@ -152,10 +139,11 @@ def activation_check(
             data=world_size // t, sequence_parallel=sequence_parallel,
             recompute=recompute,
         )  # fmt: skip
+    fraction = per_device / max(one, 1)
     detail = {
         "per_device_temp_bytes": per_device,
         "single_device_temp_bytes": one,
-        "measured_fraction": per_device / max(one, 1),
+        "measured_fraction": fraction,
         "estimate": estimate,
         "sequence_parallel": bool(sequence_parallel),
         "recompute": recompute,
@@ -163,7 +151,6 @@ def activation_check(
         "batch": batch,
         "seq_len": seq,
     }
-    fraction = per_device / max(one, 1)
     return Check("activations", True, fraction, None, detail)
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 from keras_tensor_parallel.verify.report import (
@@ -82,19 +83,16 @@ def run_checks(
     sequence_parallel: bool = False,
     recompute: str | None = None,
 ) -> VerifyResult:
-    """Forward, gradients, memory, activation memory and training checks
-    of `spec` (a `catalogue.ModelSpec`) at `world_size` against one
-    device, on a `(data, model=tensor_parallel_size)` mesh (default:
-    model=world_size), with `sequence_parallel` / `recompute` as
-    `TensorParallelKeras` takes them. A check that raises becomes an
-    ERROR row; the others still run.
+    """Forward, gradients, memory, activations and training checks of
+    `spec` (a `catalogue.ModelSpec`) at `world_size` against one device
+    (mesh and options as `TensorParallelKeras` takes them); a check that
+    raises is an ERROR row.
 
     Example:
 
     ```python
     result = run_checks(catalogue.get("seed-mlp"), 2, steps=2,
-                        batch_size=2, seq_len=8)
-    assert all(r.passed for r in result.rows)
+                        batch_size=2, seq_len=8)  # result.rows
     ```
     """
     from keras_tensor_parallel.verify import checks
@@ -104,14 +102,10 @@ def run_checks(
     x = spec.inputs(batch_size, seq_len, seed)
     kw = {"seed": seed, "tensor_parallel_size": tensor_parallel_size}
     act = {"sequence_parallel": sequence_parallel, "recompute": recompute}
-    cache: dict = {}
 
-    def case():  # the training check's model and data, made once
-        if not cache:
-            cache.update(_case(spec, steps=steps, batch_size=batch_size,
-                               seq_len=seq_len, seed=seed,
-                               train_model=train_model))  # fmt: skip
-        return cache
+    case = functools.cache(lambda: _case(  # the training model and data
+        spec, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        seed=seed, train_model=train_model))  # fmt: skip
 
     jobs = [
         ("forward", lambda: [checks.compare_forward(

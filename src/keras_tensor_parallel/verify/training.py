@@ -209,13 +209,12 @@ def compare_training(
         model_fn: Builds the model (called twice, under `seed`).
         world_size: Devices for the TP run.
         inputs: Model inputs, `steps * batch_size` rows (array or dict).
-        targets: Labels, same rows.
-        loss: Keras loss (name or object).
+        targets, loss: Labels (same rows), a Keras loss (name or object).
         optimizer_fn: Returns a fresh optimizer (one per model).
         dtype_policy: e.g. `"float64"` or `"mixed_bfloat16"` while building.
         loss_rtol, weight_rtol: Bounds for the checks.
-        tensor_parallel_size: The model axis (default `world_size`).
-        activations: `sequence_parallel`, `recompute` for the TP model.
+        tensor_parallel_size, activations: The model axis (default
+            `world_size`), `sequence_parallel` and `recompute`.
 
     Example:
 
@@ -228,15 +227,14 @@ def compare_training(
     ```
     """
     _check_rows(inputs, steps * batch_size)
-    kw = {"dtype_policy": dtype_policy, "seed": seed}
-    kw["tensor_parallel_size"] = tensor_parallel_size
-    reference, tp = build_tp_pair(model_fn, world_size, **kw, **activations)
+    kw = {"dtype_policy": dtype_policy, "seed": seed, **activations}
+    kw = {**kw, "tensor_parallel_size": tensor_parallel_size}
+    reference, tp = build_tp_pair(model_fn, world_size, **kw)
     first = slice(0, batch_size)
     null = null_gradient_variables(
         reference, _take(inputs, first), targets[first], loss
     )
-    # Compile and train under the same policy the models were built with, so
-    # loss trackers (and floatx) follow it: float64 runs report float64.
+    # Trained under the policy they were built with (float64 loss trackers).
     with dtype_policy_scope(dtype_policy):
         losses = [
             run_steps(_compile(m, optimizer_fn(), loss), inputs, targets,
