@@ -9,7 +9,8 @@ the same model (same seed) once per mesh, then time Adam train steps on
 the same global batch side by side: `--rounds` rounds, each running
 `--steps` steps of every mesh in turn, so all meshes see the same
 machine load; a step's time is the slowest rank's, the figure is the
-median over rounds, with the ratio to (1x4). Per rank: parameter and
+median over rounds, and the ratio to (1x4) the median over rounds of
+the round's time over (1x4)'s in that round. Per rank: parameter and
 optimizer bytes read from the local tensors. Per step: every
 `torch.distributed` collective issued, counted by the group it ran on
 (model axis, data axis, all ranks) with its tensor bytes and its ring
@@ -201,18 +202,25 @@ def _replica_bytes() -> tuple[int, int]:
     return params, 2 * sum(int(v.numpy().nbytes) for v in net.trainable_weights)
 
 
+def _paired_ratio(rounds: list, base: list) -> float:
+    """Median over rounds of the round's time over (1x4)'s in the same
+    round: load that drifts between rounds cancels."""
+    return statistics.median(a / b for a, b in zip(rounds, base))
+
+
 def table(out: str) -> str:
     ranks = [json.load(open(f"{out}.{r}")) for r in range(4)]
     params, slots = _replica_bytes()
-    base = ranks[0]["1x4"]["step_s"]
+    first = ranks[0]["1x4"]["rounds_s"]
     lines = [
         f"One replica: {params:,} B of parameters, {slots:,} B of Adam "
         "slots. Bytes per rank: the largest over the 4 ranks.",
         "",
-        "| mesh (data x model) | step (ms) | ratio to 1x4 | params / rank "
+        "| mesh (data x model) | step (ms) | rounds min-max "
+        "| paired ratio to 1x4 | params / rank "
         "| optimizer / rank | model axis: calls, ring B/rank "
         "| data axis: calls, ring B/rank | all ranks: calls, ring B/rank |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in ranks[0].items():
         p = max(rk[name]["param_bytes"] for rk in ranks)
@@ -222,7 +230,9 @@ def table(out: str) -> str:
             c = r["collectives"].get(axis, [0, 0, 0.0])
             cells.append(f"{c[0]}, {c[2]:,.0f}")
         lines.append(
-            f"| {name} | {1e3 * r['step_s']:.1f} | {r['step_s'] / base:.2f} "
+            f"| {name} | {1e3 * r['step_s']:.1f} "
+            f"| {1e3 * min(r['rounds_s']):.0f}-{1e3 * max(r['rounds_s']):.0f} "
+            f"| {_paired_ratio(r['rounds_s'], first):.2f} "
             f"| {p:,} | {o:,} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
