@@ -20,15 +20,22 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 TIMEOUT = 300
-MODELS = ["opt-125m:tiny", "gpt2:tiny", "llama-small:tiny"]
+# Backbones (their output is gathered for the loss) and a causal LM (its
+# untied vocab head gathers its input instead).
+MODELS = ["opt-125m:tiny", "gpt2:tiny", "llama-small:tiny+lm"]
 BATCH, SEQ = 2, 16
 
 
 def _fit(model, x, y, steps=3):
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    return [float(model.train_on_batch(x, y)) for _ in range(steps)]
+    # No metrics: a CausalLM's default accuracy would read float targets.
+    optimizer = keras.optimizers.Adam(1e-3)
+    model.compile(optimizer=optimizer, loss="mse", weighted_metrics=[])
+    return [
+        float(model.train_on_batch(x, y, return_dict=True)["loss"])
+        for _ in range(steps)
+    ]
 
 
 def _saved_bytes(model, x, y) -> tuple[int, int]:
@@ -73,11 +80,17 @@ def _parity(res, name):
 
     from keras_tensor_parallel import catalogue
     from keras_tensor_parallel.backends import torch_collectives as tc
+    from keras_tensor_parallel.catalogue.lm import causal_lm
     from keras_tensor_parallel.verify import build_pair
 
-    spec = catalogue.get(name).variant(num_layers=1)
-    reference, candidate, weights = build_pair(spec.build)
-    plain, again = spec.build(), spec.build()
+    spec = catalogue.get(name.split("+")[0]).variant(num_layers=1)
+    lm = name.endswith("+lm")
+
+    def build():
+        return causal_lm(spec.build()) if lm else spec.build()
+
+    reference, candidate, weights = build_pair(build)
+    plain, again = build(), build()
     plain.set_weights(weights)
     again.set_weights(weights)
     sp, tp = _wrap(candidate, sequence_parallel=True), _wrap(plain)
@@ -114,7 +127,14 @@ def _parity(res, name):
         if "kernel" in v.path
     }
     res[name] = r
-    res[name]["hidden_bytes"] = int(out_ref.nbytes)
+    r["hidden_bytes"] = BATCH * SEQ * 64 * 4  # [batch, seq, hidden] f32
+    if lm:  # decode steps run as plain TP: the same tokens
+        prompt = {k: v[:, :8] for k, v in x.items()}
+        want = reference.generate(prompt, max_length=12, stop_token_ids=None)
+        got = sp.generate(prompt, max_length=12, stop_token_ids=None)
+        r["generate"] = bool(
+            np.array_equal(want["token_ids"], got["token_ids"])
+        )
 
 
 def _unchanged(model, before) -> bool:
@@ -204,19 +224,28 @@ def test_matches_one_process(results, name):
 def test_ring_traffic_equals_plain_tensor_parallel(results, name):
     r = results[0][name]
     sp, tp, hidden = r["ring_sp"], r["ring_tp"], r["hidden_bytes"]
-    assert tp["all-gather"] == tp["reduce-scatter"] == sp["all-reduce"] == 0
+    assert tp["reduce-scatter"] == sp["all-reduce"] == 0
     assert tp["params"] == 0 < sp["params"]  # norms, row biases, positions
     # Each all-reduce of plain TP became a reduce-scatter + an all-gather;
-    # the backbone's output is gathered once more for the loss.
-    sp_ring = sp["all-gather"] + sp["reduce-scatter"]
-    assert sp_ring == tp["all-reduce"] + hidden / 2, (sp, tp)
-    # Per step: 2 column groups and the output gathered, 2 rows and the
-    # token lookup scattered (forward), and the reverse in backward.
+    # a backbone's output is gathered once more for the loss (an LM's head
+    # gathers its input where plain TP had f; both gather the logits).
+    lm = name.endswith("+lm")
+
+    def ring(x):
+        return x["all-reduce"] + x["all-gather"] + x["reduce-scatter"]
+
+    assert ring(sp) == ring(tp) + (0 if lm else hidden / 2), (sp, tp)
+    assert r["ring_rc"] == sp
+    # Per step: 2 column groups and the output (or the LM head's input)
+    # gathered, 2 rows and the token lookup scattered (forward), and the
+    # reverse in backward.
     assert r["seq_sp"] == {
         "all_gather": 3 + 3,
-        "reduce_scatter": 3 + 2,
+        "reduce_scatter": 3 + 2 + lm,
         "param_all_reduce": r["seq_sp"]["param_all_reduce"],
     }
+    if lm:
+        assert r["generate"]
 
 
 @pytest.mark.torch
