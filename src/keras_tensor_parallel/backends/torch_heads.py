@@ -204,6 +204,27 @@ def sum_partial_grads(model, plan, group, journal) -> None:
             journal.add(handle.remove)
 
 
+def local_heads(plan, rank: int, heads: int) -> tuple[int, int] | None:
+    """`(start, stop)` of the heads this model-axis `rank` holds of a
+    heads dim of size `heads` (a kv cache's), or None when no heads
+    kernel of that many heads is split: shared kv blocks, uneven real
+    heads, or the even split."""
+    n = plan.world_size
+    for e in plan:
+        if e.role.value != "heads" or not e.is_split:
+            continue
+        if e.shape[e.split_dim] != heads:
+            continue
+        if e.copies > 1:
+            per = heads * e.copies // n
+            block = rank // e.copies
+            return block * per, (block + 1) * per
+        sizes = roles.shard_sizes(heads, n)
+        start = sum(sizes[:rank])
+        return start, start + sizes[rank]
+    return None
+
+
 # The repeat of shared kv heads ----------------------------------------------
 
 _REPEAT: dict = {}  # "original": backend repeat, "users": installed count

@@ -187,7 +187,19 @@ class TorchGrower(RegionGrower):
     def _visit(self, region, node, recruit: bool) -> None:
         if self._fused_split(region, node):
             return
+        shared = any(id(x) in region.copies for x in node.inputs)
         super()._visit(region, node, recruit)
+        widened = [
+            t
+            for t in node.outputs
+            if id(t) in region.split and id(t) not in region.copies
+        ]
+        if shared and widened and node.type_name != "Repeat":
+            # A rank's code widens its one kv head to its query heads only
+            # through `ops.repeat` (`torch_heads.py` cuts its count).
+            raise prop.Conflict(
+                f"{node.name} widens shared kv heads without a repeat"
+            )
 
     def _fused_split(self, region, node) -> bool:
         """A column output cut into equal parts along its split dim: each
