@@ -303,6 +303,26 @@ def test_shared_kv_head_and_fused_kernel_split_gather_and_undo(results):
             assert res[f"fused_{key}"], (key, res)
 
 
+def test_kv_sharing_subgroups_per_model_group_with_a_data_axis(monkeypatch):
+    """8 ranks as data 2 x model 4, kv heads shared by 2: every rank makes
+    every pair of every model group, in one order, and keeps its own."""
+    from keras_tensor_parallel.backends import torch_heads
+    from keras_tensor_parallel.plan import ShardingPlan
+
+    made = []
+    monkeypatch.setattr(torch_heads.tc, "world_size", lambda: 8)
+    monkeypatch.setattr(torch_heads.tc, "rank", lambda: 5)
+    monkeypatch.setattr(
+        torch_heads.dist, "new_group", lambda ranks: made.append(ranks) or ranks
+    )
+    entry = _entry("kv", (3, 2, 2), 1, "heads", "l")
+    plan = ShardingPlan(4, (type(entry)(**{**vars(entry), "copies": 2}),))
+    assert torch_heads.shared_groups(plan, group="model") == {2: [4, 5]}
+    assert made == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="model-axis groups"):
+        torch_heads.shared_groups(plan, group=None)
+
+
 def test_loading_into_shards_refuses_shared_kv_heads_before_placing():
     from keras_tensor_parallel.loading import place_torch
     from keras_tensor_parallel.plan import ShardingPlan
