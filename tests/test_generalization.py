@@ -274,11 +274,12 @@ def test_moe_splits_inside_each_expert_when_experts_do_not_divide():
     )
 
 
-@pytest.mark.parametrize("split", ["expert", "inside"])
-def test_moe_split_matches_one_device_at_its_stated_bytes(split):
+@pytest.mark.parametrize(
+    "split, n", [("expert", 2), ("inside", 2), ("expert", 4)]
+)
+def test_moe_split_matches_one_device_at_its_stated_bytes(split, n):
     from keras_tensor_parallel import comms
 
-    n = 2
     overrides = INSIDE_EXPERTS if split == "inside" else None
     reference, candidate, _ = zoo.build_pair(moe_block, seed=0)
     x = np.random.RandomState(0).randn(2, 8, 16).astype("float32")
