@@ -40,6 +40,11 @@ def reset_counts() -> None:
             counts[key] = 0
 
 
+def _seq_count(key: str) -> None:
+    if not torch.compiler.is_compiling():  # as `_count`
+        SEQ_COUNTS[key] += 1
+
+
 def _ring(kind: str, full, group, factor: float = 1.0) -> None:
     """Add the ring bytes of one collective on the full tensor `full`."""
     if torch.compiler.is_compiling():
@@ -198,7 +203,7 @@ def _gather_seq(x, dim: int, group):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x, group=group)
     out = torch.cat(parts, dim=dim)
-    SEQ_COUNTS["all_gather"] += 0 if torch.compiler.is_compiling() else 1
+    _seq_count("all_gather")
     _ring("all-gather", out, group)
     return out
 
@@ -208,7 +213,7 @@ def _scatter_seq(x, dim: int, group):
     n = dist.get_world_size(group)
     parts = [p.contiguous() for p in torch.chunk(x, n, dim=dim)]
     out = torch.empty_like(parts[0])
-    SEQ_COUNTS["reduce_scatter"] += 0 if torch.compiler.is_compiling() else 1
+    _seq_count("reduce_scatter")
     _ring("reduce-scatter", x, group)
     dist.reduce_scatter(out, parts, group=group)
     return out
@@ -281,8 +286,7 @@ def reduce_param_grad(grad, group=None):
     """Sum a replicated parameter's partial gradient over `group` (each
     rank saw only its chunk of the sequence)."""
     grad = grad.contiguous().clone()
-    if not torch.compiler.is_compiling():
-        SEQ_COUNTS["param_all_reduce"] += 1
+    _seq_count("param_all_reduce")
     _ring("params", grad, group, 2.0)
     dist.all_reduce(grad, group=group)
     return grad
