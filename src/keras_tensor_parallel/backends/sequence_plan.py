@@ -36,6 +36,7 @@ class SequencePlan:
     groups: list  # layers reading a split tensor, that gather it
     partial: list  # replicated variables with partial gradients
     positions: list  # PositionEmbedding layers reading split tensors
+    dropouts: list  # Dropout layers (rate > 0) reading split tensors
 
 
 def refuse(why: str, received: str) -> None:
@@ -139,6 +140,7 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
     groups: dict = {}
     partial: dict = {}
     positions: list = []
+    dropouts: list = []
     for node in graph.nodes:
         layer, side = edges.get(id(node.op), (None, None))
         if side is not None and node.inputs:
@@ -175,9 +177,19 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
                 partial.update({id(v): v for v in _partial(node.op, plan)})
                 if type(node.op).__name__ == "PositionEmbedding":
                     positions.append(node.op)
+                if _is_dropout(node.op) and node.op not in dropouts:
+                    dropouts.append(node.op)
     return SequencePlan(
-        edges, list(groups.values()), list(partial.values()), positions
+        edges,
+        list(groups.values()),
+        list(partial.values()),
+        positions,
+        dropouts,
     )
+
+
+def _is_dropout(layer) -> bool:
+    return isinstance(layer, keras.layers.Dropout) and layer.rate > 0
 
 
 def _check_reader(node, split: set) -> None:
@@ -185,8 +197,8 @@ def _check_reader(node, split: set) -> None:
     token: the planner's propagator for it keeps a split on the sequence
     dim in place (norms, elementwise ops, dropout); anything that needs
     the whole sequence (attention, pooling, a reshape across it) is
-    refused. Dropout would draw its mask per chunk, with the same seed on
-    every rank: masks unlike one process's."""
+    refused. Dropout draws the whole sequence's mask and keeps its chunk
+    (`torch_sequence._install_dropouts`): a noise shape is refused."""
     name = node.type_name
     if name == "PositionEmbedding":
         return  # told its chunk's offset (`_install_positions`)
@@ -202,11 +214,11 @@ def _check_reader(node, split: set) -> None:
             f"{name} {getattr(node.op, 'path', '')}".strip()
             + (f": {why}" if out is None else ""),
         )
-    if isinstance(node.op, keras.layers.Dropout) and node.op.rate > 0:
+    if _is_dropout(node.op) and node.op.noise_shape is not None:
         refuse(
-            "dropout between regions (rate > 0) is not supported yet",
+            "dropout with a noise_shape between regions is not supported",
             f"{getattr(node.op, 'path', None) or node.op.name} "
-            f"rate={node.op.rate}",
+            f"noise_shape={node.op.noise_shape}",
         )
 
 

@@ -18,12 +18,14 @@ The edges are the planner's (`jax_sequence.region_edges`, from the plan's
 kernel splits), and their forwards are `roles.py`'s column, row and vocab
 styles run on sequence collectives: the math is the layers' own.
 
-Each rank runs the whole Keras model on its local tensors, so three things
-that read the sequence from a split tensor are told about the split while
-a split forward runs: KerasHub's `compute_causal_mask` (the blocks build
-their mask from their split input: they get the whole sequence's mask),
-`PositionEmbedding` (its chunk starts at rank x chunk), and the model's
-outputs (all-gathered for the loss; backward keeps the local chunk).
+Each rank runs the whole Keras model on its local tensors, so what reads
+the sequence from a split tensor is told about the split while a split
+forward runs: KerasHub's `compute_causal_mask` (the blocks build their
+mask from their split input: they get the whole sequence's mask),
+`PositionEmbedding` (its chunk starts at rank x chunk), `Dropout` (it
+draws the whole sequence's mask, as one process, and keeps its chunk),
+and the model's outputs (all-gathered for the loss; backward keeps the
+local chunk).
 Replicated parameters read by split activations (norms, row biases, the
 position table, kv heads replicated beside split query heads) get partial
 gradients: each is all-reduced over the model axis once per backward.
@@ -163,6 +165,29 @@ def _install_positions(sp: SequencePlan, shard, state, journal) -> None:
         journal.setattr(layer, "call", call)
 
 
+def _install_dropouts(sp: SequencePlan, shard, state, journal) -> None:
+    """Dropout on a split tensor draws the whole sequence's mask, as one
+    process would (same seed generator, same shape), and keeps this
+    rank's chunk of it: the same masks as one process, not one mask
+    repeated per chunk."""
+    for layer in sp.dropouts:
+
+        def call(inputs, *args, _own=layer.call, _keep=1 - layer.rate, **kw):
+            if not state.split(inputs):
+                return _own(inputs, *args, **kw)
+            shape = list(inputs.shape)
+            shape[SEQ] = state.full
+            ones = torch.ones(shape, dtype=inputs.dtype, device=inputs.device)
+            kept = _own(ones, *args, **kw)
+            if kept is ones:  # not training: nothing dropped
+                return inputs
+            kept = kept.narrow(SEQ, shard.rank * state.local, state.local)
+            zeros = torch.zeros_like(inputs)
+            return torch.where(kept != 0, inputs / _keep, zeros)
+
+        journal.setattr(layer, "call", call)
+
+
 def _install_masks(state: _State, journal) -> int:
     """KerasHub's blocks build their causal mask from their (split) input:
     while a split forward runs, a mask asked for the local length without
@@ -286,5 +311,6 @@ def install(engine, model, sp: SequencePlan, journal) -> None:
     comm = SequenceCollectives(group)
     _install_edges(sp, comm, shard, state, journal)
     _install_positions(sp, shard, state, journal)
+    _install_dropouts(sp, shard, state, journal)
     _install_masks(state, journal)
     _install_model(model, state, _Hooks(sp.partial, group), group, journal)
