@@ -167,7 +167,8 @@ def note(detail: dict) -> str:
     text = (
         f"train-step temp memory {detail['per_device_temp_bytes'] / mib:.2f}"
         f" MiB per device vs {detail['single_device_temp_bytes'] / mib:.2f}"
-        " MiB on one device"
+        " MiB on one device (the training check's model, batch "
+        f"{detail.get('batch')} x {detail.get('seq_len')})"
     )
     options = [
         name
@@ -178,7 +179,7 @@ def note(detail: dict) -> str:
         if on
     ]
     if options:
-        text += f" ({', '.join(options)})"
+        text += f", {' and '.join(options)}"
     est = detail.get("estimate")
     if est:
         text += (
