@@ -164,6 +164,11 @@ def _refusals(res):
 
     opt = catalogue.get("opt-125m:tiny").variant(num_layers=1)
     _refused(res, "mlp", catalogue.get("seed-mlp").build)
+    # Gemma with its attention replicated (plain TP runs it so): the
+    # replicated q/k/v would read the split sequence.
+    gemma = catalogue.get("gemma-small:tiny").variant(num_layers=1)
+    heads = r".*attention/(query|key|value|attention_output)/kernel"
+    _refused(res, "replicated", gemma.build, overrides={heads: "replicated"})
     _refused(
         res, "recompute", opt.variant(dropout=0.1).build, recompute="attention"
     )
@@ -288,6 +293,7 @@ def test_saved_activations_below_plain_tensor_parallel(results, name):
     "key, rule",
     [
         ("mlp", "no sequence dim"),
+        ("replicated", "a projection the plan replicates"),
         ("recompute", "attention dropout 0"),
         ("indivisible", "must divide by it"),
     ],

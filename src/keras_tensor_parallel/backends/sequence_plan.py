@@ -171,7 +171,7 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
         elif side == VOCAB and not is_reverse(node.args[1:], node.kwargs):
             split.update(id(t) for t in node.outputs)
         elif side is None and any(id(t) in split for t in node.inputs):
-            _check_reader(node, split)
+            _check_reader(node, split, plan)
             split.update(id(t) for t in node.outputs)
             if isinstance(node.op, keras.layers.Layer):
                 partial.update({id(v): v for v in _partial(node.op, plan)})
@@ -192,7 +192,7 @@ def _is_dropout(layer) -> bool:
     return isinstance(layer, keras.layers.Dropout) and layer.rate > 0
 
 
-def _check_reader(node, split: set) -> None:
+def _check_reader(node, split: set, plan) -> None:
     """A node outside the regions reading a split tensor must work per
     token: the planner's propagator for it keeps a split on the sequence
     dim in place (norms, elementwise ops, dropout); anything that needs
@@ -202,6 +202,13 @@ def _check_reader(node, split: set) -> None:
     name = node.type_name
     if name == "PositionEmbedding":
         return  # told its chunk's offset (`_install_positions`)
+    if _replicated_projection(node.op, plan):
+        refuse(
+            "a projection the plan replicates (no split region here) reads "
+            "activations split along the sequence: what it feeds (say "
+            "attention) would see only this rank's chunk",
+            node.op.path,
+        )
     dims = [SEQ if id(t) in split else None for t in node.inputs]
     try:
         out = propagate.propagate(node, dims)
