@@ -4,11 +4,11 @@ every rank, the cache cut to this rank's kv heads, one seed for all ranks
 
 from __future__ import annotations
 
+from keras_tensor_parallel.backends.torch_heads import local_heads
 from keras_tensor_parallel.generation import (
     HEADS_DIM,
     generating,
     sampler_variables,
-    splits_heads,
 )
 
 
@@ -28,11 +28,11 @@ def _localize_cache(model, engine) -> None:
 
     def call_with_cache(token_ids, cache, cache_update_index, *a, **kw):
         heads = int(cache.shape[HEADS_DIM])
-        if getattr(model, "_tp_generating", False) and splits_heads(
-            plan, heads
-        ):
-            local = heads // plan.world_size
-            cache = cache.narrow(cache.ndim - 2, rank * local, local)
+        # Shared kv heads and uneven (padded) heads too (torch_heads).
+        span = local_heads(plan, rank, heads)
+        if getattr(model, "_tp_generating", False) and span is not None:
+            start, stop = span
+            cache = cache.narrow(cache.ndim - 2, start, stop - start)
             cache = cache.contiguous()
         return original(token_ids, cache, cache_update_index, *a, **kw)
 
