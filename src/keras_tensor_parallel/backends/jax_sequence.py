@@ -320,8 +320,8 @@ def _check_layer(layer, side: str, ndim: int) -> None:
     if getattr(layer, "lora_enabled", False):
         _refuse(layer, "LoRA-enabled projections are not supported")
     if side == VOCAB:
-        if getattr(layer, "mask_zero", False):
-            _refuse(layer, "embeddings with mask_zero=True are not supported")
+        # mask_zero: Keras computes the mask from the ids (compute_mask),
+        # not in `call`; it stays whole along the sequence, as in plain TP.
         if ndim < 2:
             _refuse(layer, f"its input has {ndim} dims, no sequence")
         return
