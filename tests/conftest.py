@@ -37,3 +37,25 @@ def tf_run(tmp_path_factory):
         alone.kill()
     assert alone.returncode == 0, alone_err[-4000:]
     return proc, out
+
+
+@pytest.fixture(scope="session")
+def four_ranks(tmp_path_factory):
+    """tests/four_ranks.py in 4 torch ranks: `four_ranks(name)` is the
+    folder that file's worker wrote (asserting that it did not raise)."""
+    import four_ranks as runner
+    from ranks import launch
+
+    folder = tmp_path_factory.mktemp("four_ranks")
+    script = os.path.join(os.path.dirname(__file__), "four_ranks.py")
+    proc = launch(
+        script, str(folder), backend="torch", n=4, timeout=runner.TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def case(name):
+        errors = sorted(folder.glob(f"{name}.error.*"))
+        assert not errors, [p.read_text() for p in errors]
+        return folder / name
+
+    return case

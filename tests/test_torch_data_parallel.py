@@ -22,8 +22,6 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.abspath(__file__)
-TIMEOUT = 240
 STEPS = 3
 # `_zero`: the same with ZeRO-1 (optimizer slots cut over the data axis).
 CASES = ("mlp", "opt", "mlp_dp4", "mlp_zero", "mlp_dp4_zero")
@@ -267,12 +265,10 @@ def worker(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("torch_dp")
-    from ranks import launch
-
-    proc = launch(HERE, str(tmp / "res"), backend="torch", timeout=TIMEOUT, n=4)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def results(four_ranks):
+    """Every rank's results: `worker` runs in the shared 4-rank launch
+    (tests/four_ranks.py)."""
+    tmp = four_ranks("data_parallel")
     return [json.loads((tmp / f"res.{r}").read_text()) for r in range(4)]
 
 

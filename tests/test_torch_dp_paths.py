@@ -15,8 +15,6 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.abspath(__file__)
-TIMEOUT = 180
 MESH = dict(world_size=4, tensor_parallel_size=2, distributed_backend="torch")
 AUTO = dict(MESH, tensor_parallel_size="auto")
 
@@ -156,12 +154,10 @@ def worker(folder: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("torch_dp_paths")
-    from ranks import launch
-
-    proc = launch(HERE, str(tmp), backend="torch", timeout=TIMEOUT, n=4)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def results(four_ranks):
+    """Every rank's results: `worker` runs in the shared 4-rank launch
+    (tests/four_ranks.py)."""
+    tmp = four_ranks("dp_paths")
     return [json.loads((tmp / f"res.{r}").read_text()) for r in range(4)]
 
 

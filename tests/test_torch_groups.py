@@ -11,13 +11,10 @@ the whole batch itself. The torch engine does not use the groups yet.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-HERE = os.path.abspath(__file__)
-TIMEOUT = 180
 BUCKET = 300  # bytes: the model's 4 gradients make 3 buckets
 STEPS = 3
 
@@ -82,12 +79,10 @@ def worker(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("groups")
-    from ranks import launch
-
-    proc = launch(HERE, str(tmp / "res"), backend="torch", timeout=TIMEOUT, n=4)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def results(four_ranks):
+    """Every rank's results: `worker` runs in the shared 4-rank launch
+    (tests/four_ranks.py)."""
+    tmp = four_ranks("groups")
     return [json.loads((tmp / f"res.{r}").read_text()) for r in range(4)]
 
 
