@@ -34,7 +34,21 @@ def _model(name):
 
     if name == "own-weights":
         return cm.own_weights_mlp, cm.np.random.RandomState(0).randn(2, 8, 32)
+    if name == "heads-bias":
+        return _heads_bias, cm.np.random.RandomState(0).randn(2, 8, 32)
     return cm.ROWS[name].build, cm.inputs()
+
+
+def _heads_bias():
+    """Heads split on n with a bias over d alone (replicated): each rank's
+    bias gradient covers its heads only and is summed (sum_grad)."""
+    import keras
+
+    inp = keras.Input((8, 32))
+    dense = keras.layers.EinsumDense
+    h = dense("bsh,hnd->bsnd", (8, 4, 8), bias_axes="d")(inp)
+    h = keras.layers.Activation("gelu")(h)
+    return keras.Model(inp, dense("bsnd,ndh->bsh", (8, 32))(h) + inp)
 
 
 def _rel(a, b) -> float:
@@ -191,6 +205,7 @@ CASES = {
     # name: (variables whose role is checked, roles expected in order,
     #        {counter: all-reduces in 3 train steps})
     "own-weights": ("own_dense", ["column", "row"] * 2, {}),
+    "heads-bias": ("einsum_dense", ["heads", "row"], {}),
     "mixtral": ("experts/", ["column", "column", "row"] * 2, {}),
     # key/value of 2 layers shared; query/key norm scales of 2 layers.
     "qwen3-kv2": (
@@ -222,6 +237,8 @@ def _check_plan(name, res):
         assert "ranks hold 2, 2, 1, 1" in reasons[first("query/kernel")]
     if name == "qwen3-moe":
         assert extra[first("experts/expert_feedforward_gate_dense")][1] == 2
+    if name == "heads-bias":
+        assert [v[2] for p, v in extra.items() if "bias" in p] == [True]
     if name in ("mixtral", "own-weights"):
         assert all(v == [1, 1, False] for v in extra.values()), extra
 

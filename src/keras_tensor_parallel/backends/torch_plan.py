@@ -97,10 +97,19 @@ def plan_torch(model, world_size: int, *, overrides=None) -> ShardingPlan:
 
 def _partial_paths(graph, planner) -> set[str]:
     """Paths of replicated trainable variables an op applies to a split
-    tensor (not a projection's own: a row's bias is added after g)."""
+    tensor: a per-head norm's scale, a column's bias over unsplit dims
+    (not a row's bias: added after g; split ones are skipped later)."""
     found = set()
     for node in graph.nodes:
-        if node.index in planner.projections:
+        proj = planner.projections.get(node.index)
+        if proj is not None:
+            # A column's bias over unsplit dims, added to its split output.
+            bias = proj.rule.bias
+            if (
+                bias is not None
+                and id(node.outputs[0]) in planner.split_tensors
+            ):
+                found.add(bias.path)
             continue
         if not any(id(x) in planner.split_tensors for x in node.inputs):
             continue
