@@ -37,6 +37,9 @@ class SequencePlan:
     partial: list  # replicated variables with partial gradients
     positions: list  # PositionEmbedding layers reading split tensors
     dropouts: list  # Dropout layers (rate > 0) reading split tensors
+    # Replicated projections ending a replicated region (attention the
+    # plan keeps whole): their output is cut back to the local chunk.
+    slicers: list
 
 
 def refuse(why: str, received: str) -> None:
@@ -109,16 +112,6 @@ def _replicated_projection(layer, plan) -> bool:
     return entry is not None and not entry.is_split
 
 
-def _reads_column_input(graph, tensor, edges) -> bool:
-    """Whether a column edge reads `tensor` (kv projections replicated
-    beside split query heads read the region's input)."""
-    for index, _ in graph.consumers.get(id(tensor), []):
-        _, side = edges.get(id(graph.nodes[index].op), (None, None))
-        if side == COLUMN:
-            return True
-    return False
-
-
 def _partial(layer, plan) -> list:
     """`layer`'s replicated trainable variables (but those the engine
     already sums, applied to split heads: `sum_grad`)."""
@@ -135,22 +128,30 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
     """Follow the sequence split through the traced graph: a row output
     and a token lookup are split; what reads a split tensor outside a
     region keeps it split (norms, dropout, adds); a column edge, and a
-    replicated projection beside one, gathers it."""
+    replicated projection (kv heads beside split query heads, or a
+    region the plan replicates), gathers it. A replicated region's
+    tensors are whole; the replicated projection that reads one cuts its
+    output back to the chunk."""
     split: set = set()
+    whole: set = set()
     groups: dict = {}
     partial: dict = {}
     positions: list = []
     dropouts: list = []
+    slicers: list = []
     for node in graph.nodes:
         layer, side = edges.get(id(node.op), (None, None))
         if side is not None and node.inputs:
             _check_edge(layer, side, node)
         reads = node.inputs and id(node.inputs[0]) in split
-        if side == COLUMN or (
-            reads
-            and _replicated_projection(node.op, plan)
-            and _reads_column_input(graph, node.inputs[0], edges)
-        ):
+        replicated = side is None and _replicated_projection(node.op, plan)
+        if replicated and any(id(t) in whole for t in node.inputs):
+            _check_edge(node.op, ROW, node)
+            slicers += [] if node.op in slicers else [node.op]
+            partial.update({id(v): v for v in _partial(node.op, plan)})
+            split.update(id(t) for t in node.outputs)
+            continue
+        if side == COLUMN or (reads and replicated):
             if not reads:
                 refuse(
                     "the sequence is split at the token embedding; this "
@@ -162,6 +163,7 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
             members += [] if node.op in members else [node.op]
             if side is None:
                 partial.update({id(v): v for v in _partial(node.op, plan)})
+                whole.update(id(t) for t in node.outputs)
             continue
         if side == ROW:
             split.update(id(t) for t in node.outputs)
@@ -179,12 +181,17 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
                     positions.append(node.op)
                 if _is_dropout(node.op) and node.op not in dropouts:
                     dropouts.append(node.op)
+        elif side is None and any(id(t) in whole for t in node.inputs):
+            whole.update(id(t) for t in node.outputs)
+            if isinstance(node.op, keras.layers.Layer):
+                partial.update({id(v): v for v in _partial(node.op, plan)})
     return SequencePlan(
         edges,
         list(groups.values()),
         list(partial.values()),
         positions,
         dropouts,
+        slicers,
     )
 
 
@@ -202,13 +209,6 @@ def _check_reader(node, split: set, plan) -> None:
     name = node.type_name
     if name == "PositionEmbedding":
         return  # told its chunk's offset (`_install_positions`)
-    if _replicated_projection(node.op, plan):
-        refuse(
-            "a projection the plan replicates (no split region here) reads "
-            "activations split along the sequence: what it feeds (say "
-            "attention) would see only this rank's chunk",
-            node.op.path,
-        )
     dims = [SEQ if id(t) in split else None for t in node.inputs]
     try:
         out = propagate.propagate(node, dims)

@@ -25,6 +25,13 @@ from keras_tensor_parallel.backends.jax_recompute import (
 )
 
 
+def _copies(tensors) -> list:
+    """Float inputs copied: a core may scale its query in place (Gemma's
+    `q *= ...`), which must touch neither the saved inputs nor the
+    leaves backward differentiates against."""
+    return [t.clone() if t.is_floating_point() else t for t in tensors]
+
+
 class _Recompute(torch.autograd.Function):
     """`run(*tensors)` without its intermediates: forward without a graph,
     backward runs it again with one and takes its vector-Jacobian
@@ -35,7 +42,7 @@ class _Recompute(torch.autograd.Function):
         ctx.run = run
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
-            return tuple(run(*tensors))
+            return tuple(run(*_copies(tensors)))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -44,7 +51,7 @@ class _Recompute(torch.autograd.Function):
             for t in ctx.saved_tensors
         ]
         with torch.enable_grad():
-            outs = ctx.run(*tensors)
+            outs = ctx.run(*_copies(tensors))
         pairs = [
             (o, g)
             for o, g in zip(outs, grads)

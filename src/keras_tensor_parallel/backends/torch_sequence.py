@@ -188,6 +188,23 @@ def _install_dropouts(sp: SequencePlan, shard, state, journal) -> None:
         journal.setattr(layer, "call", call)
 
 
+def _install_slicers(sp: SequencePlan, shard, state, journal) -> None:
+    """The end of a region the plan replicates (each rank computed it
+    whole): keep this rank's chunk. Backward pads the chunk's gradient
+    with zeros; the gathered input's reduce-scatter sums the ranks'
+    parts, and the region's weights are in `sp.partial`."""
+    for layer in sp.slicers:
+
+        def call(inputs, *args, _own=layer.call, **kwargs):
+            out = _own(inputs, *args, **kwargs)
+            if state.local is None or out.shape[SEQ] != state.full:
+                return out
+            start = shard.rank * state.local
+            return out.narrow(SEQ, start, state.local).contiguous()
+
+        journal.setattr(layer, "call", call)
+
+
 def _install_masks(state: _State, journal) -> int:
     """KerasHub's blocks build their causal mask from their (split) input:
     while a split forward runs, a mask asked for the local length without
@@ -312,5 +329,6 @@ def install(engine, model, sp: SequencePlan, journal) -> None:
     _install_edges(sp, comm, shard, state, journal)
     _install_positions(sp, shard, state, journal)
     _install_dropouts(sp, shard, state, journal)
+    _install_slicers(sp, shard, state, journal)
     _install_masks(state, journal)
     _install_model(model, state, _Hooks(sp.partial, group), group, journal)
