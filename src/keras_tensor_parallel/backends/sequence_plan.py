@@ -124,6 +124,55 @@ def _partial(layer, plan) -> list:
     return out
 
 
+class _Walk:
+    """The split and whole tensors so far, and the plan being made."""
+
+    def __init__(self, plan, edges: dict):
+        self.plan, self.split, self.whole = plan, set(), set()
+        self.sp = SequencePlan(edges, [], [], [], [], [])
+        self.groups: dict = {}
+        self.partial: dict = {}
+
+    def mark(self, tensors, into: set) -> None:
+        into.update(id(t) for t in tensors)
+
+    def replicated(self, layer) -> None:
+        """`layer`'s replicated weights see one chunk's (or a zero-padded)
+        gradient: partial, all-reduced."""
+        if isinstance(layer, keras.layers.Layer):
+            for v in _partial(layer, self.plan):
+                self.partial[id(v)] = v
+
+    def gather(self, node, side) -> None:
+        if not (node.inputs and id(node.inputs[0]) in self.split):
+            refuse(
+                "the sequence is split at the token embedding; this region "
+                "reads a tensor that is not split (a model input read "
+                "directly)",
+                node.op.path,
+            )
+        members = self.groups.setdefault(id(node.inputs[0]), [])
+        members += [] if node.op in members else [node.op]
+        if side is None:  # a replicated projection: its region is whole
+            self.replicated(node.op)
+            self.mark(node.outputs, self.whole)
+
+    def read(self, node) -> None:
+        """A node outside the regions reading a split tensor."""
+        _check_reader(node, self.split, self.plan)
+        self.mark(node.outputs, self.split)
+        self.replicated(node.op)
+        if type(node.op).__name__ == "PositionEmbedding":
+            self.sp.positions.append(node.op)
+        if _is_dropout(node.op) and node.op not in self.sp.dropouts:
+            self.sp.dropouts.append(node.op)
+
+    def done(self) -> SequencePlan:
+        self.sp.groups = list(self.groups.values())
+        self.sp.partial = list(self.partial.values())
+        return self.sp
+
+
 def _walk(graph, plan, edges: dict) -> SequencePlan:
     """Follow the sequence split through the traced graph: a row output
     and a token lookup are split; what reads a split tensor outside a
@@ -132,67 +181,34 @@ def _walk(graph, plan, edges: dict) -> SequencePlan:
     region the plan replicates), gathers it. A replicated region's
     tensors are whole; the replicated projection that reads one cuts its
     output back to the chunk."""
-    split: set = set()
-    whole: set = set()
-    groups: dict = {}
-    partial: dict = {}
-    positions: list = []
-    dropouts: list = []
-    slicers: list = []
+    w = _Walk(plan, edges)
     for node in graph.nodes:
         layer, side = edges.get(id(node.op), (None, None))
         if side is not None and node.inputs:
             _check_edge(layer, side, node)
-        reads = node.inputs and id(node.inputs[0]) in split
+        reads = node.inputs and id(node.inputs[0]) in w.split
         replicated = side is None and _replicated_projection(node.op, plan)
-        if replicated and any(id(t) in whole for t in node.inputs):
+        if replicated and any(id(t) in w.whole for t in node.inputs):
             _check_edge(node.op, ROW, node)
-            slicers += [] if node.op in slicers else [node.op]
-            partial.update({id(v): v for v in _partial(node.op, plan)})
-            split.update(id(t) for t in node.outputs)
-            continue
-        if side == COLUMN or (reads and replicated):
-            if not reads:
-                refuse(
-                    "the sequence is split at the token embedding; this "
-                    "region reads a tensor that is not split (a model "
-                    "input read directly)",
-                    node.op.path,
-                )
-            members = groups.setdefault(id(node.inputs[0]), [])
-            members += [] if node.op in members else [node.op]
-            if side is None:
-                partial.update({id(v): v for v in _partial(node.op, plan)})
-                whole.update(id(t) for t in node.outputs)
-            continue
-        if side == ROW:
-            split.update(id(t) for t in node.outputs)
+            if node.op not in w.sp.slicers:
+                w.sp.slicers.append(node.op)
+            w.replicated(node.op)
+            w.mark(node.outputs, w.split)
+        elif side == COLUMN or (reads and replicated):
+            w.gather(node, side)
+        elif side == ROW:
+            w.mark(node.outputs, w.split)
             bias = rule_for(layer).bias
             if bias is not None and not plan.get(bias.path).is_split:
-                partial[id(bias)] = bias
+                w.partial[id(bias)] = bias
         elif side == VOCAB and not is_reverse(node.args[1:], node.kwargs):
-            split.update(id(t) for t in node.outputs)
-        elif side is None and any(id(t) in split for t in node.inputs):
-            _check_reader(node, split, plan)
-            split.update(id(t) for t in node.outputs)
-            if isinstance(node.op, keras.layers.Layer):
-                partial.update({id(v): v for v in _partial(node.op, plan)})
-                if type(node.op).__name__ == "PositionEmbedding":
-                    positions.append(node.op)
-                if _is_dropout(node.op) and node.op not in dropouts:
-                    dropouts.append(node.op)
-        elif side is None and any(id(t) in whole for t in node.inputs):
-            whole.update(id(t) for t in node.outputs)
-            if isinstance(node.op, keras.layers.Layer):
-                partial.update({id(v): v for v in _partial(node.op, plan)})
-    return SequencePlan(
-        edges,
-        list(groups.values()),
-        list(partial.values()),
-        positions,
-        dropouts,
-        slicers,
-    )
+            w.mark(node.outputs, w.split)
+        elif side is None and any(id(t) in w.split for t in node.inputs):
+            w.read(node)
+        elif side is None and any(id(t) in w.whole for t in node.inputs):
+            w.mark(node.outputs, w.whole)
+            w.replicated(node.op)
+    return w.done()
 
 
 def _is_dropout(layer) -> bool:
