@@ -80,3 +80,47 @@ def test_fewer_kv_heads_than_devices_gathers_no_weight():
     assert not report.has_weight_gather, report.table()
     # The extra bytes are the k/v activation-gradient reductions.
     assert report.ratio_bytes <= 1.2, report.table()
+
+
+# Mixture-of-experts banks (tests/coverage_models.py: hidden 32, 4 experts,
+# top 2, 2 blocks). Expert parallel, as the plan states: per token the
+# bank's output forward (32 values), its input gradient (32) and the
+# routing weights' gradient (2) backward; split inside each expert: the
+# [4 experts, tokens, hidden] output forward (128), the input gradient (32)
+# backward. With 5 attention/embedding all-reduces of [32 tokens, 32].
+# Qwen3 also all-reduces its query/key norm scales' gradients (head_dim 8,
+# 2 per block): each device's covers its own heads.
+ATTENTION = 5 * 32 * 32 * 4
+QK_NORMS = 2 * 2 * 8 * 4
+MOE_CASES = [
+    ("mixtral-n2", "expert", ATTENTION + 2 * 32 * (32 + 32 + 2) * 4),
+    ("mixtral", "expert", ATTENTION + 2 * 32 * (32 + 32 + 2) * 4),
+    ("mixtral", "inside", ATTENTION + 2 * 32 * (4 * 32 + 32) * 4),
+    (
+        "qwen3-moe-n2",
+        "expert",
+        ATTENTION + 2 * 32 * (32 + 32 + 2) * 4 + QK_NORMS,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "row, split, expected", MOE_CASES, ids=[f"{r}-{s}" for r, s, _ in MOE_CASES]
+)
+def test_moe_train_step_is_stated_minimum(row, split, expected):
+    from coverage_models import ROWS
+    from generalization_cases import INSIDE_EXPERTS
+
+    case = ROWS[row]
+    keras.utils.set_random_seed(0)
+    model = case.build()
+    if split == "inside":
+        model = TensorParallelKeras(
+            model, world_size=case.n, overrides=INSIDE_EXPERTS
+        )
+        keras.Model.compile(model, optimizer="adam", loss="mse")
+    report = comms.analyze(model, case.n, batch_size=2, seq_len=16)
+    assert report.minimum.train_bytes == expected, report.table()
+    assert report.train_bytes == expected, report.table()
+    assert report.ratio_count == pytest.approx(1.0), report.table()
+    assert not report.has_weight_gather, report.table()

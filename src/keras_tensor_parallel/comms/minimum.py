@@ -4,7 +4,15 @@ Without sequence parallelism each row-parallel layer (attention output,
 feed-forward output) closes a region: one all-reduce of its output in
 forward and one of the region's input gradient in backward (Megatron's g
 and f). A vocab-parallel embedding looked up adds one forward all-reduce of
-its output. Nothing is keyed on model names.
+its output. A mixture-of-experts bank counts what the planner states
+for its layout (`plan/experts.py`): expert parallel, the all-reduces its
+reason gives per token (the bank's output forward; its input gradient
+and the routing weights' gradient backward); split inside each expert,
+its `[experts, tokens, hidden]` output forward and its input gradient
+backward. A replicated weight applied per head inside a block that splits
+heads (Qwen3's query/key norms: shape `(head_dim,)`, a sibling of the
+heads kernels) gets a partial gradient on each device (its own heads):
+one backward all-reduce of its size. Nothing is keyed on model names.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import dataclasses
 import math
 
 from keras_tensor_parallel.plan import Role, ShardingPlan
+from keras_tensor_parallel.plan.experts import inside_values, stated_values
 from keras_tensor_parallel.plan.plan import dtype_bytes
 
 
@@ -76,18 +85,64 @@ def megatron_minimum(
     """
     tokens = batch_size * seq_len
     forward, backward = [], []
+    banks = set()
     for e in plan:
-        if not e.path.endswith("kernel") and e.role != Role.VOCAB:
-            continue
+        if e.role not in (Role.ROW, Role.VOCAB, Role.EXPERT):
+            continue  # a row kernel whichever layer owns it
         nbytes = dtype_bytes(e.dtype)
-        if e.role == Role.ROW:
-            size = tokens * _kernel_out_features(e) * nbytes
-            forward.append((f"{e.layer} output", size))
-            backward.append((f"{e.layer} region input grad", size))
+        stated = stated_values(e.reason) if e.role != Role.VOCAB else None
+        if stated is not None:
+            if e.layer not in banks:  # one bank: its kernels share a layer
+                banks.add(e.layer)
+                _expert_parallel(
+                    e.layer, stated, tokens * nbytes, forward, backward
+                )
+        elif e.role == Role.ROW:
+            out = _kernel_out_features(e)
+            inside = inside_values(e.shape, e.split_dim)
+            fwd, bwd = inside if inside else (out, out)
+            forward.append((f"{e.layer} output", tokens * fwd * nbytes))
+            backward.append(
+                (f"{e.layer} region input grad", tokens * bwd * nbytes)
+            )
         elif e.role == Role.VOCAB and e.split_dim == 0:
             size = tokens * math.prod(e.shape[1:]) * nbytes
             forward += [(f"{e.layer} lookup", size)] * lookups
+    backward += [
+        (f"{e.path} grad", math.prod(e.shape) * dtype_bytes(e.dtype))
+        for e in _per_head_replicated(plan)
+    ]
     return Minimum(tuple(forward), tuple(backward))
+
+
+def _per_head_replicated(plan: ShardingPlan) -> list:
+    """Replicated variables shaped as one head `(head_dim,)` in a layer
+    that sits beside split heads kernels (same parent layer) and holds no
+    split kernel itself: applied to every head, each device's gradient
+    covers its own heads only."""
+    parent = {}
+    for e in plan:
+        if e.role == Role.HEADS and len(e.shape) == 3:
+            parent.setdefault(e.layer.rpartition("/")[0], set()).add(
+                e.shape[-1:]
+            )
+    split_layers = {e.layer for e in plan if e.is_split}
+    return [
+        e
+        for e in plan
+        if e.role == Role.REPLICATED
+        and e.layer not in split_layers
+        and tuple(e.shape) in parent.get(e.layer.rpartition("/")[0], ())
+    ]
+
+
+def _expert_parallel(layer, stated, scale, forward, backward) -> None:
+    """An expert-parallel bank's all-reduces, `stated` per token."""
+    fwd, bwd, routing = stated
+    forward.append((f"{layer} output", fwd * scale))
+    backward.append((f"{layer} input grad", bwd * scale))
+    if routing:
+        backward.append((f"{layer} routing weights grad", routing * scale))
 
 
 # The data axis ---------------------------------------------------------------

@@ -28,6 +28,7 @@ expert.
 from __future__ import annotations
 
 import math
+import re
 
 from keras_tensor_parallel.plan import propagate as prop
 from keras_tensor_parallel.plan.regions import (
@@ -188,6 +189,42 @@ def expert_reason(graph, n, region, other, reasons=()) -> str:
             f"{reasons[0]}"
         )
     return text
+
+
+# What `expert_reason` states, read back by `comms/minimum.py`.
+_STATED = re.compile(
+    r"all-reduces (\d+) values per token per step \((\d+) forward, "
+    r"(\d+) backward(?: with (\d+) for the routing weights)?\)"
+)
+
+
+def stated_values(reason: str) -> tuple[int, int, int] | None:
+    """(forward, backward input gradient, routing weights' gradient)
+    values per token that an expert-parallel plan entry's `reason`
+    states (`expert_reason`), or None if it states none.
+
+    Example:
+
+    ```python
+    stated_values(entry.reason)  # (32, 32, 2) for Mixtral hidden 32
+    ```
+    """
+    m = _STATED.search(reason)
+    if m is None:
+        return None
+    forward, backward, routing = (int(g or 0) for g in m.groups()[1:])
+    return forward, backward - routing, routing
+
+
+def inside_values(shape, split_dim: int) -> tuple[int, int] | None:
+    """(forward, backward) values per token of a bank split inside each
+    expert, from its row kernel `(experts, ffn, hidden)` split on ffn:
+    the `[experts, tokens, hidden]` output forward, the `[tokens,
+    hidden]` input gradient of gate/up backward; None for another
+    kernel."""
+    if len(shape) != 3 or split_dim != 1:
+        return None
+    return shape[0] * shape[2], shape[2]
 
 
 def _inside_experts(region) -> int:
