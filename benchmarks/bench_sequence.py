@@ -1,9 +1,11 @@
 """Sequence parallelism and selective recomputation (issue 16, JAX).
 
-    .venv/bin/python benchmarks/bench_sequence.py
+    .venv/bin/python benchmarks/bench_sequence.py [--model gemma-kv2]
 
 OPT blocks (hidden 512, sequence 512, 8 heads, FFN 2048, 2 blocks, vocab
-1000), batch 4, Adam, MSE on the backbone output. For plain tensor
+1000), batch 4, Adam, MSE on the backbone output. `--model gemma-kv2`:
+Gemma blocks of the same size with 8 query and 2 kv heads (head dim 64),
+so that at N=4 each kv head is shared by 2 devices. For plain tensor
 parallelism, `sequence_parallel=True`, and both with
 `recompute="attention"`, at N=2 and N=4:
 
@@ -33,6 +35,14 @@ SHAPE = dict(
     max_sequence_length=512,
     num_layers=2,
 )
+GEMMA_KV2 = dict(
+    hidden_dim=512,
+    num_query_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_dim=2048,
+    num_layers=2,
+)
 BATCH, SEQ = 4, 512
 VARIANTS = (
     ("plain TP", {}),
@@ -50,18 +60,21 @@ def _env() -> None:
     )
 
 
-def _batch():
+def _batch(model: str = "opt"):
     import numpy as np
 
     from keras_tensor_parallel import catalogue
 
-    spec = catalogue.get("opt-125m:tiny").variant(**SHAPE)
+    if model == "gemma-kv2":
+        spec = catalogue.get("gemma-small:tiny").variant(**GEMMA_KV2)
+    else:
+        spec = catalogue.get("opt-125m:tiny").variant(**SHAPE)
     x = spec.inputs(batch=BATCH, seq=SEQ)
     y = np.random.RandomState(1).randn(BATCH, SEQ, SHAPE["hidden_dim"])
     return spec, x, y.astype("float32")
 
 
-def measure(n: int, options: dict, steps: int) -> dict:
+def measure(n: int, options: dict, steps: int, model: str = "opt") -> dict:
     """One variant: temp bytes, ring bytes, median step seconds."""
     import keras
 
@@ -71,7 +84,7 @@ def measure(n: int, options: dict, steps: int) -> dict:
     )
     from keras_tensor_parallel.comms import collectives
 
-    spec, x, y = _batch()
+    spec, x, y = _batch(model)
     keras.utils.set_random_seed(0)
     model = spec.build()
     if n > 1:
@@ -99,9 +112,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--model", choices=("opt", "gemma-kv2"), default="opt")
     args = parser.parse_args()
     _env()
-    one = measure(1, {}, args.steps)
+    one = measure(1, {}, args.steps, args.model)
     mib = 2**20
     print(f"one device: temp {one['temp'] / mib:.1f} MiB")
     print(
@@ -113,7 +127,7 @@ def main() -> None:
     for n in args.sizes:
         base = None
         for name, options in VARIANTS:
-            r = measure(n, options, args.steps)
+            r = measure(n, options, args.steps, args.model)
             base = base or r
             print(
                 f"| {n} | {name} | {r['temp'] / mib:.1f} | "
