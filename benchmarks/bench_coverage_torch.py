@@ -11,7 +11,8 @@ Usage (one launch per world size; rank 0 prints a markdown table):
 Bytes are deterministic (the shards each rank holds: `numel * itemsize`
 of every variable's local value); collectives are the eager counts of one
 train step after a first one (batch 2, sequence 8): g all-reduces
-forward, f all-reduces backward, vocab logit gathers, subgroup sums of shared kv gradients and
+forward, f all-reduces backward, vocab logit gathers, subgroup sums of
+shared kv gradients and
 model-axis sums of partial (per-head norm) gradients, and all-gathers of
 any value (a weight gathered would show there).
 """
