@@ -66,11 +66,11 @@ class TensorParallelKeras(keras.Model):
             replicates them over the data axis.
         sequence_parallel: Split the activations between tensor-parallel
             regions (norms, dropout, residual adds) along the sequence
-            (Megatron-SP, JAX): same math and ring traffic, less
+            (Megatron-SP; JAX and torch): same math and ring traffic, less
             activation memory per device.
         recompute: `"attention"` recomputes the attention core (scores,
             softmax, probabilities x values) in backward instead of
-            keeping it (JAX); `None` keeps everything.
+            keeping it (JAX and torch); `None` keeps everything.
 
     Example:
 
