@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 import re
 
-from keras_tensor_parallel.plan import propagate as prop
 from keras_tensor_parallel.plan.regions import (
     collective_elements,
+    lining_up_dim,
     split_elements,
 )
 
@@ -72,7 +72,7 @@ def _gradient_elements(graph, t, dim, depth) -> int:
         return here  # other gradients join here: reduce before they add
     behind = 0
     for i, x in enumerate(node.inputs):
-        c = _carried_dim(node, i, dim)
+        c = lining_up_dim(node, i, lambda out: out == [dim])
         if c is None:
             # The split dim is contracted: this input's gradient is partial.
             behind += math.prod(x.shape) if _differentiable(x) else 0
@@ -81,23 +81,6 @@ def _gradient_elements(graph, t, dim, depth) -> int:
         if behind >= here:
             return here
     return behind
-
-
-def _carried_dim(node, i, dim) -> int | None:
-    """The dim of input `i` that, split alone, splits the output on
-    `dim`."""
-    x = node.inputs[i]
-    for c in range(len(x.shape)):
-        if x.shape[c] in (None, 1):
-            continue
-        trial = [None] * len(node.inputs)
-        trial[i] = c
-        try:
-            if prop.propagate(node, trial) == [dim]:
-                return c
-        except prop.Conflict:
-            continue
-    return None
 
 
 def _differentiable(t) -> bool:

@@ -21,6 +21,24 @@ from keras_tensor_parallel.plan import propagate as prop
 _MAX_RECRUIT_DEPTH = 32
 
 
+def lining_up_dim(node, i, accept) -> int | None:
+    """The first dim of input `i` that, split alone, gives outputs
+    `accept` approves (an op that ignores the operand, like an attention
+    mask, never does)."""
+    x = node.inputs[i]
+    for c in range(len(x.shape)):
+        if x.shape[c] in (None, 1):
+            continue
+        trial = [None] * len(node.inputs)
+        trial[i] = c
+        try:
+            if accept(prop.propagate(node, trial)):
+                return c
+        except prop.Conflict:
+            continue
+    return None
+
+
 class Region:
     """A candidate region: its columns, rows and split tensors."""
 
@@ -298,27 +316,10 @@ class RegionGrower:
         for i, x in enumerate(node.inputs):
             if dims[i] is not None or id(x) in region.split:
                 continue
-            c = self._lining_up_dim(node, i, lambda out: out == outs)
+            c = lining_up_dim(node, i, lambda out: out == outs)
             if c is not None:
                 found.append((x, c))
         return found
-
-    def _lining_up_dim(self, node, i, accept) -> int | None:
-        """The first dim of input `i` that, split alone, gives outputs
-        `accept` approves (an op that ignores the operand, like an
-        attention mask, never does)."""
-        x = node.inputs[i]
-        for c in range(len(x.shape)):
-            if x.shape[c] in (None, 1):
-                continue
-            trial = [None] * len(node.inputs)
-            trial[i] = c
-            try:
-                if accept(prop.propagate(node, trial)):
-                    return c
-            except prop.Conflict:
-                continue
-        return None
 
     def _recruit_producer(self, region, t, dim, depth) -> None:
         """Walk back from `t` (needed split on `dim`) to column candidates."""
@@ -338,7 +339,7 @@ class RegionGrower:
         for i, src in enumerate(node.inputs):
             if id(src) in region.split:
                 continue
-            c = self._lining_up_dim(node, i, lambda out: out[0] == dim)
+            c = lining_up_dim(node, i, lambda out: out[0] == dim)
             if c is not None:
                 self._recruit_producer(region, src, c, depth + 1)
 
