@@ -114,15 +114,10 @@ def _check_no_dropout(layer) -> None:
         )
 
 
-def install(model, journal) -> int:
-    """Recompute each attention core in backward; returns how many.
-
-    Example:
-
-    ```python
-    install(model, base.Journal())
-    ```
-    """
+def checked_layers(model) -> list:
+    """The model's attention layers, after checking that there is one and
+    that none drops attention probabilities (what both engines' recompute
+    refuse). Raises ValueError otherwise."""
     layers = attention_layers(model)
     if not layers:
         raise ValueError(
@@ -133,6 +128,19 @@ def install(model, journal) -> int:
         )
     for layer in layers:
         _check_no_dropout(layer)
+    return layers
+
+
+def install(model, journal) -> int:
+    """Recompute each attention core in backward; returns how many.
+
+    Example:
+
+    ```python
+    install(model, base.Journal())
+    ```
+    """
+    layers = checked_layers(model)
     for layer in layers:
         call = _recomputed_call(layer._compute_attention)
         journal.setattr(layer, "_compute_attention", call)

@@ -19,10 +19,7 @@ from __future__ import annotations
 import keras
 import torch
 
-from keras_tensor_parallel.backends.jax_recompute import (
-    _check_no_dropout,
-    attention_layers,
-)
+from keras_tensor_parallel.backends.jax_recompute import checked_layers
 
 
 def _copies(tensors) -> list:
@@ -104,17 +101,7 @@ def check(model) -> list:
     layers = check(model)  # before engine.apply
     ```
     """
-    layers = attention_layers(model)
-    if not layers:
-        raise ValueError(
-            'recompute="attention" recomputes attention cores, but the '
-            "model has no attention layer (none defines "
-            "`_compute_attention`). Use recompute=None. Received: "
-            f"model {model.name!r}"
-        )
-    for layer in layers:
-        _check_no_dropout(layer)
-    return layers
+    return checked_layers(model)
 
 
 def install(layers, journal) -> None:
