@@ -1,0 +1,97 @@
+"""Local head counts in attention layers that shape tensors with their own
+attributes (issue 12: Gemma and Gemma 3 on torch).
+
+KerasHub's Gemma attention reshapes its queries with its own full counts,
+`ops.reshape(q, (..., self.num_key_value_heads, self.num_query_heads //
+self.num_key_value_heads, h))`, and its output with `self.num_query_heads`.
+JAX runs the global program, so global counts are right there; a torch
+rank runs the model's code on its local heads, so while the engine holds
+the model these attributes hold the rank's LOCAL counts, read from the
+local shapes of the layer's split query / key kernels (so uneven real
+heads and shared kv blocks come out right on every rank):
+
+- `num_query_heads`: the query heads this rank holds;
+- `num_key_value_heads`: the kv heads it holds (a kv block shared by
+  `copies` ranks counts once; replicated kv heads, as multi-query
+  attention keeps them, stay the full count);
+- `num_key_value_groups`: `num_query_heads // num_key_value_heads`, local;
+- `hidden_dim`, only where the query scale reads `hidden_dim //
+  num_query_heads` (`query_head_dim_normalize=False`): set so that the
+  quotient stays the GLOBAL one.
+
+Which classes: a documented list (`KNOWN`), not every layer with such
+attribute names, because other classes use the same names differently
+(Llama widens kv heads with `ops.repeat(key, self.num_key_value_groups)`,
+which `torch_heads.py` already cuts). Every change goes through the
+engine's undo journal: `unapply` or a failed wrap restores the values.
+"""
+
+from __future__ import annotations
+
+# class name -> (query sub-layer, key sub-layer) attribute names.
+KNOWN = {
+    "CachedGemmaAttention": ("query_dense", "key_dense"),
+    "CachedGemma3Attention": ("query_dense", "key_dense"),
+}
+
+
+def _heads(dense, entries) -> int | None:
+    """This rank's count along the split dim of `dense`'s kernel, or
+    None when the plan does not split it."""
+    kernel = getattr(dense, "kernel", None)
+    if kernel is None:
+        return None
+    entry = entries.get(kernel.path)
+    if entry is None or not entry.is_split:
+        return None
+    if entry.split_dim != 0:  # "ndh" / "kdh": heads first
+        raise ValueError(
+            f"{kernel.path}: the torch engine sets local head counts only "
+            "for a split of the heads dim (0). Received: a split on dim "
+            f"{entry.split_dim} ({entry.role.value}); replicate the layer "
+            "with overrides={'<path regex>': 'replicated'} or use JAX"
+        )
+    return int(kernel.value.shape[0])
+
+
+def local_counts(layer, entries) -> dict | None:
+    """`{attribute: local value}` for a known attention `layer` whose
+    query heads the plan splits (None: nothing to change)."""
+    names = KNOWN.get(type(layer).__name__)
+    if names is None:
+        return None
+    query = _heads(getattr(layer, names[0], None), entries)
+    if query is None:
+        return None
+    kv = _heads(getattr(layer, names[1], None), entries)
+    kv = layer.num_key_value_heads if kv is None else kv
+    if query % kv:
+        raise ValueError(
+            f"{layer.path}: this rank holds {query} query heads for {kv} "
+            "kv heads, which the layer's reshape into (kv, group) cannot "
+            "take. Received: a plan whose query and kv splits do not line "
+            "up; replicate the attention with overrides or use JAX"
+        )
+    out = {
+        "num_query_heads": query,
+        "num_key_value_heads": kv,
+        "num_key_value_groups": query // kv,
+    }
+    if not getattr(layer, "query_head_dim_normalize", True):
+        out["hidden_dim"] = layer.hidden_dim // layer.num_query_heads * query
+    return out
+
+
+def install(model, plan, journal) -> list[str]:
+    """Set the local counts on every known attention layer of `model`
+    whose query heads `plan` splits; returns their paths."""
+    entries = {e.path: e for e in plan}
+    done = []
+    for layer in model._flatten_layers(include_self=False):
+        counts = local_counts(layer, entries)
+        if not counts:
+            continue
+        for name, value in counts.items():
+            journal.setattr(layer, name, value)
+        done.append(layer.path)
+    return done
