@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from keras_tensor_parallel.backends import (
     base,
+    torch_attributes,
     torch_recompute,
     torch_sequence,
 )
@@ -172,6 +173,8 @@ class TorchEngine:
             style = roles.layer_style(entries, self._styles)
             style.install(layers[path], self._shard, self._journal)
         roles.sum_partial_grads(model, self.plan, self._styles, self._journal)
+        # Gemma's own reshapes read local head counts (torch_attributes).
+        torch_attributes.install(model, self.plan, self._journal)
         if sequence[0] is not None:
             torch_sequence.install(self, model, sequence[0], self._journal)
         if sequence[1] is not None:
