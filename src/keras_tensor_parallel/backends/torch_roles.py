@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from keras_tensor_parallel.backends import roles
+from keras_tensor_parallel.backends import roles, torch_experts
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_heads as heads
 from keras_tensor_parallel.backends.roles import (  # noqa: F401
@@ -141,6 +141,7 @@ def _make_styles(comm, shared=None) -> dict[Role, Style]:
     styles = roles.make_styles(comm)
     styles[Role.HEADS] = TorchHeads(comm, shared or {})
     styles[Role.COLUMN] = TorchColumn(comm)
+    styles[Role.EXPERT] = torch_experts.ExpertParallel(comm)
     return styles
 
 
@@ -178,4 +179,6 @@ def style_for(role: Role | str, styles=None) -> Style:
 
 def layer_style(entries, styles=None) -> Style:
     """The style that runs a layer, from its variables' plan entries."""
+    if any(e.role == Role.EXPERT for e in entries):  # torch_experts.py
+        return (styles or STYLES)[Role.EXPERT]
     return roles.layer_style(entries, styles or STYLES)
