@@ -16,6 +16,8 @@ but also lets torch
 - split an expert bank whose output is cut into equal parts along the
   split dim (Qwen3-MoE's fused gate/up, `ops.split(gate_up, 2, -1)`):
   each rank holds its block of every part (`FUSED`, `torch_heads.py`).
+- split an expert bank over its experts where `plan/experts.py` picks
+  that, as on JAX (`torch_experts.py` plays it).
 
 It reuses the planner's region growth (`plan/regions.py`) with the XLA-only
 steps switched off, so every other decision is the plain torch plan's.
@@ -27,6 +29,7 @@ import dataclasses
 
 import keras
 
+from keras_tensor_parallel.backends import torch_experts
 from keras_tensor_parallel.backends.roles import shard_sizes
 from keras_tensor_parallel.plan import ShardingPlan
 from keras_tensor_parallel.plan import graph as graph_lib
@@ -127,6 +130,8 @@ def _partial_paths(graph, planner) -> set[str]:
 def _torch_entry(entry, fused: dict, partial: set, n: int) -> VariablePlan:
     """The entry as torch stores it: padded dims as uneven shards, fused
     kernels and partial gradients as `TorchVariablePlan`."""
+    if entry.role == torch_experts.Role.EXPERT:
+        return torch_experts.torch_entry(entry, fused, TorchVariablePlan)
     if entry.path in partial and not entry.is_split:
         data = {
             f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)
@@ -157,7 +162,7 @@ def _torch_entry(entry, fused: dict, partial: set, n: int) -> VariablePlan:
     return TorchVariablePlan(**{**data, "reason": reason, "parts": parts})
 
 
-class TorchGrower(RegionGrower):
+class TorchGrower(torch_experts.ExpertGrower):
     """The planner's region growth with padding and shared kv heads on,
     and every step that needs XLA to slice or reshard off.
 
@@ -183,15 +188,6 @@ class TorchGrower(RegionGrower):
 
     def _groups_heads(self, region, node, t, d) -> bool:
         return False  # the per-rank reshape would need the full kv count
-
-    def _ends_with_sum(self, region, node, dims) -> bool:
-        return False
-
-    def _add_batch(self, region, proj, label) -> None:
-        raise prop.Conflict(
-            f"{proj.name}: the torch engine splits experts inside each "
-            "expert, not over devices"
-        )
 
     def _visit(self, region, node, recruit: bool) -> None:
         if self._fused_split(region, node):
@@ -241,7 +237,7 @@ class TorchGrower(RegionGrower):
         return True
 
     def _check_complete(self, region) -> None:
-        for name, x in region.full_operands:
+        for name, x in self.unsliced(region):  # torch_experts.py
             if id(x) not in region.split:
                 raise prop.Conflict(
                     f"{name}: an unsplit full-size tensor meets the split "
