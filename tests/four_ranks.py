@@ -22,9 +22,10 @@ FILES = {
     "groups": ("test_torch_groups", "res"),
     "dp_paths": ("test_torch_dp_paths", "."),
     "data_parallel": ("test_torch_data_parallel", "res"),
+    "experts": ("test_torch_experts", "res"),
 }
 # Seconds for the whole launch: the files' own launches' timeouts summed.
-TIMEOUT = 180 + 180 + 240
+TIMEOUT = 180 + 180 + 240 + 120
 
 
 def main(folder: str) -> None:
