@@ -55,6 +55,9 @@ def dtype_bytes(dtype: str) -> int:
     return _DTYPE_BYTES[dtype]
 
 
+_SUBCLASSES: list[type] = []
+
+
 @dataclasses.dataclass(frozen=True)
 class VariablePlan:
     """How one variable is split.
@@ -85,6 +88,12 @@ class VariablePlan:
     layer: str = ""
     padded_shape: tuple[int, ...] | None = None
     copies: int = 1
+
+    def __init_subclass__(cls, **kwargs):
+        # An engine's entry type with fields of its own (torch's `parts`,
+        # `sum_grad`): `from_dict` rebuilds it from those fields.
+        super().__init_subclass__(**kwargs)
+        _SUBCLASSES.append(cls)
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -141,7 +150,11 @@ class VariablePlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> VariablePlan:
-        return cls(
+        """The entry of `to_dict`; one of a subclass's (imported) when
+        `data` holds a field of its own with a value other than its
+        default (torch's `parts`, `sum_grad`)."""
+        base = {f.name for f in dataclasses.fields(VariablePlan)}
+        fields = dict(
             path=data["path"],
             shape=tuple(data["shape"]),
             dtype=data["dtype"],
@@ -156,6 +169,16 @@ class VariablePlan:
             ),
             copies=int(data.get("copies", 1)),
         )
+        for sub in _SUBCLASSES:
+            own = {
+                f.name: f.default
+                for f in dataclasses.fields(sub)
+                if f.name not in base
+            }
+            if any(k in data and data[k] != d for k, d in own.items()):
+                extra = {k: data[k] for k in own if k in data}
+                return sub(**fields, **extra)
+        return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
