@@ -131,7 +131,7 @@ def _torch_entry(entry, fused: dict, partial: set, n: int) -> VariablePlan:
     """The entry as torch stores it: padded dims as uneven shards, fused
     kernels and partial gradients as `TorchVariablePlan`."""
     if entry.role == torch_experts.Role.EXPERT:
-        return torch_experts.torch_entry(entry, fused, TorchVariablePlan)
+        return torch_experts.torch_entry(entry)
     if entry.path in partial and not entry.is_split:
         data = {
             f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)
