@@ -205,14 +205,16 @@ def test_torch_plans_experts_as_jax_and_overrides_force_either():
 
     from keras_tensor_parallel.backends.torch_plan import plan_torch
     from keras_tensor_parallel.plan import plan_model
+    from keras_tensor_parallel.plan.overrides import apply_overrides
 
     model = cm.mixtral()
+    layout_plan = plan_torch(model, 4)
     layout = [
         {e.path: (e.role.value, e.split_dim) for e in p}
-        for p in (plan_model(model, 4), plan_torch(model, 4))
+        for p in (plan_model(model, 4), layout_plan)
     ]
     assert layout[0] == layout[1]
     assert {layout[1][p][0] for p in layout[1] if BANK in p} == {"expert"}
-    forced = plan_torch(model, 4, overrides=INSIDE)
+    forced = apply_overrides(layout_plan, INSIDE)  # as plan_torch does
     roles = [(e.role.value, e.split_dim) for e in forced if BANK in e.path]
     assert roles == [("column", 2), ("column", 2), ("row", 1)] * LAYERS

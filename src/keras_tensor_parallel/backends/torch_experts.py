@@ -208,19 +208,15 @@ def combine(x, placed, local, comm, shard):
     return local * routing
 
 
-def torch_entry(entry, fused: dict, cls):
+def torch_entry(entry):
     """An expert-parallel plan entry as torch plays it: what the reason
-    states, plus where torch all-reduces the routing weights' gradient; a
-    fused kernel keeps its parts (`cls`: `TorchVariablePlan`), which the
-    experts split leaves whole."""
+    states, plus where torch all-reduces the routing weights' gradient.
+    A fused gate/up kernel stays a plain entry: a rank holds its experts
+    whole, every part of them."""
     experts = entry.shape[entry.split_dim]
     reason = (
         f"{entry.reason}; on torch the routing weights' gradient is "
         f"all-reduced where they meet the experts' outputs: {experts} "
         "values per token (one per expert)"
     )
-    parts = fused.get(entry.path, 1)
-    if parts == 1:
-        return dataclasses.replace(entry, reason=reason)
-    data = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)}
-    return cls(**{**data, "reason": reason, "parts": parts})
+    return dataclasses.replace(entry, reason=reason)
