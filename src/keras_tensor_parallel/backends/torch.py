@@ -320,7 +320,8 @@ def adopt_shard(variable, dim: int, rank: int, size: int, local) -> None:
 
 def _check_adopted(variable, entry, size: int) -> None:
     sizes = getattr(variable, "_tp_sizes", [])
-    if not entry.is_split or (variable._tp_dim, len(sizes)) != (
+    ranks = len(sizes) * getattr(variable, "_tp_copies", 1)  # shared kv
+    if not entry.is_split or (variable._tp_dim, ranks) != (
         entry.split_dim,
         size,
     ):
