@@ -28,6 +28,8 @@ engine's undo journal: `unapply` or a failed wrap restores the values.
 
 from __future__ import annotations
 
+from keras_tensor_parallel.backends import roles, torch_heads
+
 # class name -> (query sub-layer, key sub-layer) attribute names.
 KNOWN = {
     "CachedGemmaAttention": ("query_dense", "key_dense"),
@@ -82,10 +84,11 @@ def local_counts(layer, entries) -> dict | None:
     return out
 
 
-def install(model, plan, journal) -> list[str]:
+def install(engine, model, journal) -> list[str]:
     """Set the local counts on every known attention layer of `model`
-    whose query heads `plan` splits; returns their paths."""
-    entries = {e.path: e for e in plan}
+    whose query heads the engine's plan splits, and play its replicated
+    kv heads beside them; returns the layers' paths."""
+    entries = {e.path: e for e in engine.plan}
     done = []
     for layer in model._flatten_layers(include_self=False):
         counts = local_counts(layer, entries)
@@ -93,5 +96,33 @@ def install(model, plan, journal) -> list[str]:
             continue
         for name, value in counts.items():
             journal.setattr(layer, name, value)
+        if not engine.sequence_parallel:  # SP gathers and sums them itself
+            _replicated_kv(engine, layer, entries, journal)
         done.append(layer.path)
     return done
+
+
+def _replicated_kv(engine, layer, entries, journal) -> None:
+    """Multi-query kv heads held whole beside split query heads (plain
+    tensor parallelism): the key/value projections join the query's
+    region (one f on their shared input: its gradient is summed over the
+    model axis), and every replicated weight of the layer (kv kernels,
+    a key norm) gets its rank's partial gradient, from its query heads
+    only, summed over the model axis."""
+    styles = engine._styles
+    heads = styles[roles.Role.HEADS]
+    shard = engine._shard
+    for sub in ("key_dense", "value_dense"):
+        dense = getattr(layer, sub, None)
+        kernel = getattr(dense, "kernel", None)
+        if kernel is None or entries[kernel.path].is_split:
+            continue
+        column = roles.ColumnParallel(heads.comm)
+        journal.setattr(dense, "call", column.forward(dense, shard))
+    partial = [
+        v
+        for v in layer.trainable_variables
+        if not roles.is_split(v)
+        and not getattr(entries.get(v.path), "sum_grad", False)
+    ]
+    torch_heads.sum_grads(partial, heads.comm.group, journal)

@@ -204,6 +204,15 @@ def sum_partial_grads(model, plan, group, journal) -> None:
             journal.add(handle.remove)
 
 
+def sum_grads(variables, group, journal) -> None:
+    """Sum the gradient of each of `variables` over `group` (the model
+    axis) in every backward: replicated weights whose gradient on a rank
+    covers only its split heads (multi-query kv kernels, their norms)."""
+    for v in variables:
+        handle = v.value.register_hook(_sum_over(group, "partial"))
+        journal.add(handle.remove)
+
+
 def local_heads(plan, rank: int, heads: int) -> tuple[int, int] | None:
     """`(start, stop)` of the heads this model-axis `rank` holds of a
     heads dim of size `heads` (a kv cache's), or None when no heads
