@@ -174,7 +174,7 @@ class TorchEngine:
             style.install(layers[path], self._shard, self._journal)
         roles.sum_partial_grads(model, self.plan, self._styles, self._journal)
         # Gemma's own reshapes read local head counts (torch_attributes).
-        torch_attributes.install(model, self.plan, self._journal)
+        torch_attributes.install(self, model, self._journal)
         if sequence[0] is not None:
             torch_sequence.install(self, model, sequence[0], self._journal)
         if sequence[1] is not None:
