@@ -36,7 +36,7 @@ def _model(name):
         return cm.own_weights_mlp, cm.np.random.RandomState(0).randn(2, 8, 32)
     if name == "heads-bias":
         return _heads_bias, cm.np.random.RandomState(0).randn(2, 8, 32)
-    return cm.ROWS[name].build, cm.inputs()
+    return cm.ROWS[name.removesuffix("-sp")].build, cm.inputs()
 
 
 def _heads_bias():
@@ -86,10 +86,12 @@ def _case(name: str, out_dir: str):
     cand = build()
     cand.set_weights(ref.get_weights())
     expected = _first(ref, x)
-    tp = TensorParallelKeras(cand, world_size=RANKS)
+    sp = name.endswith("-sp")  # sequence parallel (seq 8 over 4 ranks)
+    tp = TensorParallelKeras(cand, world_size=RANKS, sequence_parallel=sp)
     rank = dist.get_rank()
     plan = tp.plan
-    res = {"forward": _rel(_first(tp, x), expected)}
+    res = {"ideal": _ideal(name, plan)}
+    res["forward"] = _rel(_first(tp, x), expected)
     res["roles"] = {e.path: e.role.value for e in plan}
     res["torch"] = {
         e.path: [e.copies, getattr(e, "parts", 1), getattr(e, "sum_grad", 0)]
@@ -187,6 +189,26 @@ def _rel_all(xs, refs) -> float:
     return diff / max(float(np.max(np.abs(b))) for b in refs)
 
 
+def _ideal(name, plan):
+    """The Megatron ideal device-0 fraction of the row (issue 12) and
+    what multi-query attention adds to it: its one kv head cannot split,
+    so each device holds the key/value kernels whole."""
+    import coverage_models as cm
+
+    row = cm.ROWS.get(name.removesuffix("-sp"))
+    if row is None:
+        return None
+    total = sum(math.prod(e.shape) for e in plan)
+    kv = sum(
+        math.prod(e.shape)
+        for e in plan
+        if e.path.endswith(("attention/key/kernel", "attention/value/kernel"))
+        and e.shape[0] == 1
+    )
+    n = plan.world_size
+    return [cm.ideal_fraction(plan, row.router), kv * (1 - 1 / n) / total]
+
+
 def _rank_shape(entry, rank, n):
     """This rank's shard shape: a kv head shared by `copies` ranks is
     held whole by each; a dim that does not divide holds ceil/floor real
@@ -216,6 +238,14 @@ CASES = {
     "opt-6-heads": ("self_attention/", (["heads"] * 6 + ["row"]) * 2, {}),
     # fused gate/up column inside each expert, down row; q/k norms.
     "qwen3-moe": ("experts/", ["column", "row"], {"partial": 3 * 4}),
+    # Gemma 3, 4 query heads / 1 kv head: one query head per rank (its own
+    # reshapes read local counts, torch_attributes.py), the kv head whole;
+    # partial gradients summed: query norm, key, value, key norm x 2 layers.
+    "gemma3": (
+        "attention/",
+        ["heads", "replicated", "replicated", "row"] * 2,
+        {"partial": 3 * 8},
+    ),
 }
 
 
@@ -288,6 +318,15 @@ def test_weights_split_and_train_as_one_process(results, name):
         assert res["weights"] <= 1e-4, (res["worst"], res["weights"])
         assert res["after"] <= 1e-5, res
     _check_plan(name, results[0])
+    if name == "gemma3":
+        res = results[0]
+        full = sum(math.prod(s) * 4 for s in res["real_shapes"])
+        ideal, kv = res["ideal"]
+        # Rank 0 holds the Megatron ideal plus the whole kv heads only.
+        assert abs(res["bytes"] / full - (ideal + kv)) < 1e-9, (ideal, kv)
+        local = results[0]["local"]
+        assert local["decoder_block_0/attention/query/kernel"] == [1, 32, 16]
+        assert local["decoder_block_0/attention/key/kernel"] == [1, 32, 16]
     full = sum(
         math.prod(s) * 4
         for p, s in results[0]["local"].items()
