@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_tensor_parallel.plan import experts, rules
+from keras_tensor_parallel.plan import experts, lora, rules
 from keras_tensor_parallel.plan import graph as graph_lib
 from keras_tensor_parallel.plan import propagate as prop
 from keras_tensor_parallel.plan.padding import padded_size
@@ -102,6 +102,7 @@ class Planner:
             proj = self.projections.get(node.index)
             if proj is not None and id(proj.kernel) not in self.decided:
                 self._try_regions(proj)
+        lora.decide(self)  # LoRA adapters follow their kernel's split
         return [self._entry(v) for v in self.model.variables]
 
     # Embeddings -------------------------------------------------------------

@@ -22,6 +22,7 @@ import string
 import keras
 
 from keras_tensor_parallel.plan import layers
+from keras_tensor_parallel.plan.lora import kernel_variable
 
 _RULES: dict[type, object] = {}
 
@@ -132,7 +133,7 @@ def _dense(layer):
         "y",
         "yz",
         "z",
-        layer.kernel,
+        kernel_variable(layer),  # the stored kernel, also with LoRA on
         layer.bias,
         "z" if layer.bias is not None else "",
     )
@@ -160,7 +161,8 @@ def _einsum_dense(layer):
         # first bias axis onward (with 1-sized dims for axes not named).
         first = min(out.index(a) for a in axes)
         bias_spec = out[first:]
-    return LinearRule(inp, ker, out, layer.kernel, layer.bias, bias_spec)
+    kernel = kernel_variable(layer)
+    return LinearRule(inp, ker, out, kernel, layer.bias, bias_spec)
 
 
 # Convolutions ---------------------------------------------------------------
