@@ -284,3 +284,63 @@ def test_odd_vocab_reports_logical_shape_and_runs_as_one_device(
     emb = loaded.get_layer("token_embedding").embeddings
     assert tuple(emb.shape) == (1001, 64)
     assert max_abs_diff(loaded.predict(x, verbose=0), out) <= rel_tol(out)
+
+
+# LoRA ---------------------------------------------------------------------
+
+
+def lora_model():
+    """Heads (EinsumDense), their row projection and an MLP, LoRA on all
+    four; lora_kernel_b set non-zero so the adapters change the output."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((4, 8))
+    q = keras.layers.EinsumDense("btd,dnh->btnh", (4, 4, 2), name="q")(x)
+    o = keras.layers.EinsumDense("btnh,nhd->btd", (4, 8), name="o")(q)
+    h = keras.layers.Dense(16, activation="relu", name="up")(o)
+    model = keras.Model(x, keras.layers.Dense(8, name="down")(h))
+    for name in ("q", "o", "up", "down"):
+        layer = model.get_layer(name)
+        layer.enable_lora(rank=2)
+        b = layer.lora_kernel_b
+        b.assign(np.random.RandomState(1).randn(*b.shape) * 0.3)
+    return model
+
+
+def test_lora_splits_with_its_kernel_and_trains_like_one_device():
+    reference, candidate = lora_model(), lora_model()
+    tp = TensorParallelKeras(candidate, world_size=2)
+    shapes = {v.path: tp.engine.shard_shapes(v)[0] for v in candidate.variables}
+    assert shapes["q/kernel"] == (8, 2, 2)  # heads
+    assert shapes["q/lora_kernel_a"] == (8, 2, 2)  # (d, n/2, r)
+    assert shapes["q/lora_kernel_b"] == (2, 2)  # replicated (r, h)
+    assert shapes["o/lora_kernel_a"] == (2, 2, 2)  # row: (n/2, h, r)
+    assert shapes["up/lora_kernel_a"] == (8, 2)  # column: a whole
+    assert shapes["up/lora_kernel_b"] == (2, 8)  # b split
+    assert shapes["down/kernel"] == (8, 8)
+    assert shapes["down/lora_kernel_a"] == (8, 2)  # row: a split
+    assert shapes["down/lora_kernel_b"] == (2, 8)
+    rng = np.random.RandomState(0)
+    x = rng.randn(16, 4, 8).astype("float32")
+    y = rng.randn(16, 4, 8).astype("float32")
+    want = reference.predict(x, verbose=0)
+    got = tp.predict(x, verbose=0)
+    assert max_abs_diff(got, want) <= rel_tol(want, 1e-5)
+    for m in (reference, tp):
+        m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+        m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for r, c in zip(reference.variables, candidate.variables):
+        np.testing.assert_allclose(
+            tp.engine.to_numpy(c), r.numpy(), rtol=1e-4, atol=1e-5
+        )
+    moved = reference.get_layer("up").lora_kernel_b.numpy()
+    assert np.abs(moved - lora_model().get_layer("up").lora_kernel_b).max()
+
+
+def test_lora_on_a_padded_split_is_refused():
+    x = keras.Input((4, 8))
+    q = keras.layers.EinsumDense("btd,dnh->btnh", (4, 3, 3), name="q")(x)
+    o = keras.layers.EinsumDense("btnh,nhd->btd", (4, 8), name="o")(q)
+    model = keras.Model(x, o)
+    model.get_layer("q").enable_lora(rank=2)
+    with pytest.raises(ValueError, match="LoRA .* padded"):
+        plan_model(model, 2)  # 3 heads on 2 devices: padded to 4
