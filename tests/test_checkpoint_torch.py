@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch_ckpt_cases as cases
 
 HERE = os.path.abspath(__file__)
 TIMEOUT = 200
@@ -180,6 +181,7 @@ def worker(folder: str) -> None:
         "cross": _resume_case(join("cross"), 0.0),
         "bad": _bad_case(join("same")),
         "callback": _callback_case(join("callback")),
+        **{name: cases.hub_case(name, join(name)) for name in cases.HUB},
     }
     with open(join(f"result.{dist.get_rank()}.json"), "w") as f:
         json.dump(res, f)
@@ -216,6 +218,7 @@ def one_process(folder: str) -> None:
         "latest": fresh.load_checkpoint(join("killed")),
     }
     res["restored"] = _same(weights, fresh.get_weights())
+    res["hub"] = cases.hub_one_process(folder)
     with open(join("result.single.json"), "w") as f:
         json.dump(res, f)
 
@@ -375,6 +378,48 @@ def test_bad_checkpoints_are_refused_and_change_nothing(runs):
         assert "does not exist" in bad["missing"], bad
         assert "does not match" in bad["model"] or "saved as" in bad["model"]
         assert bad["unchanged"] and bad["files_unchanged"], bad
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["shared", "fused"])
+def test_shared_kv_and_fused_experts_checkpoint(runs, name):
+    from keras_tensor_parallel.checkpoint import store_torch
+
+    folder, ranks, one = runs
+    runs_ = [res[name] for res in ranks]
+    for run in runs_:
+        assert run["loaded"] == run["path"] and len(run["losses"]) == 2
+        assert run["resumed"] == run["losses"], run  # bit-identical
+        assert run["weights_equal"] and run["slots_equal"], run
+    odd, local = runs_[0]["odd"], runs_[0]["local"]
+    if name == "shared":  # key/value: the one kv head held by both
+        shared = [p for p, v in odd.items() if v == [2, 1]]
+        assert len(shared) == 2, odd
+        assert all(local[p] == [32, 1, 8] for p in shared), local
+        assert cases.chunks(runs_[0]["path"], "key/kernel") == [[0, 0, 0]]
+    else:  # each rank's block of both parts: 2 pieces per rank
+        gate = next(p for p, v in odd.items() if v == [1, 2])
+        assert local[gate] == [3, 32, 16], local
+        assert cases.chunks(runs_[0]["path"], "gate_dense") == [
+            [0, 0, off] for off in (0, 8, 16, 24)
+        ]
+    # DCP read whole (export's reader) is the engine's gathered weights.
+    _, values = store_torch.model_values(runs_[0]["path"])
+    with np.load(folder / name / "saved.npz") as saved:
+        want = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    assert len(values) == len(want)
+    assert _same(list(values.values()), want)
+    # World size 1 restores it and trains on within float rounding.
+    hub = one["hub"][name]
+    assert hub["loaded"] == runs_[0]["path"]
+    np.testing.assert_allclose(
+        hub["losses"], runs_[0]["losses"], rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.torch
+def test_torch_plan_fields_survive_json():
+    assert cases.plan_round_trip()
 
 
 if __name__ == "__main__":

@@ -8,16 +8,18 @@
       .step_00000024.tmp-3f2a...   a save in progress (never a checkpoint)
 
 Each split variable (and each optimizer slot of one) is described to DCP
-as a `ShardedTensor` whose one local shard carries its global offset, so
-every rank writes only its own rows, and a load at another world size
-reads, for each rank, exactly the rows its new shard covers (DCP reshards
-from the offsets). With a data axis (`tensor_parallel_size < world_size`)
-each replica describes its shards over its model-axis group; replicas
-hold the same shards at the same offsets, DCP writes each once and every
-replica restores it, and a load on another `(data, model)` mesh reshards
-the same way. A save goes to a temporary directory that rank 0
-renames to `step_XXXXXXXX` only once every rank's shards and the metadata
-are on disk: a save killed midway leaves the previous step loadable.
+as a `ShardedTensor` whose local shards carry their global offsets
+(`pieces_torch.py`: one piece for a plain or uneven split, one per part
+for a fused kernel; a kv block shared by several ranks is one piece they
+all describe, written once), so every rank writes only its own rows, and
+a load at another world size reads, for each rank, exactly the rows its
+new shard covers (DCP reshards from the offsets). With a data axis
+(`tensor_parallel_size < world_size`) replicas hold the same shards at
+the same offsets, DCP writes each once and every replica restores it,
+and a load on another `(data, model)` mesh reshards the same way. A save
+goes to a temporary directory that rank 0 renames to `step_XXXXXXXX`
+only once every rank's shards and the metadata are on disk: a save
+killed midway leaves the previous step loadable.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch.distributed._shard.sharded_tensor import (
 from keras_tensor_parallel.backends import base, torch_zero
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_roles as roles
+from keras_tensor_parallel.checkpoint import pieces_torch
 from keras_tensor_parallel.checkpoint import state as state_lib
 
 META = "tp_meta.json"
@@ -123,35 +126,52 @@ def _split_of(variable, params):
 
 
 def layouts(tp, groups: dict) -> dict:
-    """`{(group, key): (full shape, offsets, process group)}` for every
-    value that is a piece of a larger one: split over the model axis
-    (described over the model group: data-axis replicas hold the same
-    pieces), or an optimizer slot cut over the data axis too by ZeRO-1
-    (over the group whose pieces tile it: `torch_zero.slot_place`)."""
+    """`{(group, key): layout}` for every value that is a piece of a
+    larger one: split over the model axis (a `pieces_torch.Layout`, the
+    same on data-axis replicas: they hold the same pieces), or an
+    optimizer slot cut over the data axis too by ZeRO-1 (`(full shape,
+    offsets, the group whose pieces tile it)`: `torch_zero.slot_place`).
+
+    Raises:
+        ValueError: ZeRO-1 slots of shared kv heads or fused kernels."""
     params = [v for v in tp.wrapped_model.variables if roles.is_split(v)]
-    model_group = _model_group(tp)
     out = {}
     for group, variables in groups.items():
         for key, v in variables.items():
+            owner = _split_of(v, params)
             zero = torch_zero.slot_place(tp.optimizer, v)
             if zero is not None:
+                _check_zero(v, owner or base.slot_owner(v, params))
                 out[(group, key)] = zero
-                continue
-            owner = _split_of(v, params)
-            if owner is not None:
-                offsets = [0] * len(owner._tp_full_shape)
-                offsets[owner._tp_dim] = owner._tp_start
-                full = tuple(owner._tp_full_shape)
-                out[(group, key)] = (full, offsets, model_group)
+            elif owner is not None:
+                out[(group, key)] = pieces_torch.layout(owner)
     return out
+
+
+def _check_zero(slot, owner) -> None:
+    odd = {
+        "copies": getattr(owner, "_tp_copies", 1),
+        "parts": getattr(owner, "_tp_parts", 1),
+    }
+    if owner is not None and max(odd.values()) > 1:
+        raise ValueError(
+            "Torch checkpoints of ZeRO-1 optimizer slots cut over the data "
+            "axis do not describe kv heads shared by several ranks or fused "
+            "expert kernels: checkpoint without zero_stage=1. Received: "
+            f"slot {slot.path} of {owner.path} ({odd})"
+        )
+
+
+def _full(layout) -> tuple:
+    return layout.full if hasattr(layout, "full") else layout[0]
 
 
 def fingerprint(tp, groups: dict, split: dict) -> dict:
     """`state.fingerprint` with full (global) shapes, which do not depend
     on the world size."""
     out = state_lib.fingerprint(tp, groups)
-    for (group, key), (full, _, _) in split.items():
-        out["variables"][group][key][0] = list(full)
+    for (group, key), layout in split.items():
+        out["variables"][group][key][0] = list(_full(layout))
     return out
 
 
@@ -163,13 +183,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Please use DTensor", FutureWarning)
         yield
-
-
-def _model_group(tp):
-    """The process group one replica's shards span: the model-axis group
-    with a data axis, else every rank (None)."""
-    groups = getattr(tp.engine, "groups", None)
-    return groups.model_group if groups is not None else None
 
 
 def _sharded(local, full, offsets, group):
@@ -198,8 +211,12 @@ def _state_dict(groups: dict, split: dict, make) -> dict:
     for group, variables in groups.items():
         for key, v in variables.items():
             local = make(v)
-            if (group, key) in split and tc.world_size() > 1:
-                local = _sharded(local, *split[(group, key)])
+            layout = split.get((group, key))
+            if layout is not None and tc.world_size() > 1:
+                if hasattr(layout, "sharded"):
+                    local = layout.sharded(local)
+                else:
+                    local = _sharded(local, *layout)
             out[f"{group}/{key}"] = local
     return out
 
@@ -344,8 +361,9 @@ def load(tp, directory) -> str:
         for group, variables in groups.items():
             for key, v in variables.items():
                 value = state[f"{group}/{key}"]
-                if hasattr(value, "local_tensor"):
-                    value = value.local_tensor()
+                if hasattr(value, "local_shards"):
+                    layout = split[(group, key)]
+                    value = pieces_torch.join(value, getattr(layout, "dim", 0))
                 v.assign(value)
     torch.set_rng_state(state[TORCH_RNG])
     return path
