@@ -218,3 +218,56 @@ def test_torch_plans_experts_as_jax_and_overrides_force_either():
     forced = apply_overrides(layout_plan, INSIDE)  # as plan_torch does
     roles = [(e.role.value, e.split_dim) for e in forced if BANK in e.path]
     assert roles == [("column", 2), ("column", 2), ("row", 1)] * LAYERS
+
+
+def _bank_model(squash: bool):
+    """A tiny MoE block of its own weights: experts `(4, 16, 32)` and
+    `(4, 32, 16)`, a router, and the combine `sum(out * routing, 0)`
+    (`squash`: of `tanh(out) * routing`, which torch cannot split)."""
+    import keras
+    from keras import ops
+
+    class Bank(keras.layers.Layer):
+        def build(self, shape):
+            self.w1 = self.add_weight(shape=(4, 16, 32), name="w1")
+            self.w2 = self.add_weight(shape=(4, 32, 16), name="w2")
+
+        def call(self, x):
+            h = ops.relu(ops.einsum("th,ehm->etm", x, self.w1))
+            return ops.einsum("eti,eih->eth", h, self.w2)
+
+    class Block(keras.layers.Layer):
+        def build(self, shape):
+            self.router = keras.layers.Dense(4, use_bias=False)
+            self.router.build((None, 16))
+            self.bank = Bank()
+            self.bank.build((None, 16))
+
+        def call(self, x):
+            flat = ops.reshape(x, (-1, 16))
+            routing = ops.transpose(ops.softmax(self.router(flat)), (1, 0))
+            out = self.bank(flat)
+            out = ops.tanh(out) if squash else out
+            return ops.reshape(
+                ops.sum(out * routing[:, :, None], 0), (-1, 8, 16)
+            )
+
+    inp = keras.Input((8, 16))
+    return keras.Model(inp, Block()(inp) + inp)
+
+
+@pytest.mark.parametrize("squash", [False, True])
+def test_torch_plans_expert_parallel_only_where_it_plays_it(squash):
+    """The JAX planner splits both blocks' experts over devices; torch
+    only the combine it plays (`torch_experts.combine`), else inside each
+    expert, saying why."""
+    from keras_tensor_parallel.backends.torch_plan import plan_torch
+    from keras_tensor_parallel.plan import plan_model
+
+    model = _bank_model(squash)
+    roles = [
+        [e.role.value for e in p if e.path.endswith(("w1", "w2"))]
+        for p in (plan_model(model, 2), plan_torch(model, 2))
+    ]
+    assert roles[0] == ["expert", "expert"]
+    assert roles[1] == (["column", "row"] if squash else ["expert", "expert"])

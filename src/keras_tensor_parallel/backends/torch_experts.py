@@ -56,7 +56,26 @@ class ExpertGrower(RegionGrower):
     def _ends_with_sum(self, region, node, dims) -> bool:
         if not region.batch or dims[0] != 0:
             return False  # only the sum over a bank's experts
-        return super()._ends_with_sum(region, node, dims)
+        return super()._ends_with_sum(region, node, dims) and self._combines(
+            region, node.inputs[0]
+        )
+
+    def _combines(self, region, x) -> bool:
+        """Whether `x` is what `combine` recognises: a bank's output, or
+        its product with one other tensor, read by nothing else."""
+        banks = {
+            id(n.outputs[0]) for p, _ in region.batch.values() for n in p.nodes
+        }
+        if id(x) in banks:
+            return True
+        node = self.graph.nodes[self.graph.producer[id(x)]]
+        bank = [t for t in node.inputs if id(t) in banks]
+        return (
+            node.type_name == "Multiply"
+            and len(node.inputs) == 2
+            and len(bank) == 1
+            and len(self.graph.consumers.get(id(bank[0]), [])) == 1
+        )
 
     def unsliced(self, region) -> list[tuple]:
         """(op name, tensor) of the unsplit full-size operands meeting the
@@ -168,6 +187,14 @@ def _sum(x, axis=None, keepdims=False):
     placed, local, comm, shard = _PENDING[0]
     partial = combine(x, placed, local, comm, shard)
     if partial is None:
+        if tuple(x.shape) == tuple(placed.shape):
+            raise ValueError(
+                "An expert-parallel bank's outputs are summed over experts "
+                "in a form torch cannot split (it plays `ops.sum(expert_out "
+                "* routing, axis=0)`). Received: a sum over experts of "
+                f"shape {tuple(x.shape)} computed otherwise; force the split "
+                "inside each expert with `overrides`"
+            )
         return original(x, axis=axis, keepdims=keepdims)
     _PENDING.clear()
     return comm.g(original(partial, axis=axis, keepdims=keepdims))
