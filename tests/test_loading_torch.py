@@ -229,6 +229,42 @@ def _init_case() -> dict:
     return out
 
 
+def _odd_case(path, name: str) -> dict:
+    """Shared kv heads (copies=2) or a fused gate/up bank (parts=2) read
+    straight into shards; forward and one SGD step (the shared block's
+    gradient summed over its holders) against one process."""
+    import keras
+    import keras_hub
+    import torch
+    import torch_ckpt_cases as cases
+
+    from keras_tensor_parallel import TensorParallelKeras
+
+    single = keras_hub.models.Backbone.from_preset(path)
+    plan = cases._shared_plan(single, 2) if name == "shared" else None
+    tp, out = _memory_case(
+        lambda: TensorParallelKeras.from_preset(path, world_size=2, plan=plan)
+    )
+    x, y = cases._hub_data()
+    with torch.no_grad():
+        out["rel"] = _rel(_np(tp(x)), _np(single(x)))
+    for model in (tp, single):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    out["trained"] = max(
+        _rel(a, b) for a, b in zip(tp.get_weights(), single.get_weights())
+    )
+    out["odd"] = {
+        e.path: [e.copies, getattr(e, "parts", 1)]
+        for e in tp.plan
+        if e.copies > 1 or getattr(e, "parts", 1) > 1
+    }
+    out["local"] = {
+        v.path: list(v.value.shape) for v in tp.wrapped_model.variables
+    }
+    return out
+
+
 def _bad_case(edited, missing) -> dict:
     from keras_tensor_parallel import TensorParallelKeras
 
@@ -258,6 +294,8 @@ def worker(folder: str) -> None:
         "keras": _build_case(join("attention.keras")),
         "init": _init_case(),
         "bad": _bad_case(join("edited"), join("missing")),
+        "shared": _odd_case(join("qwen3_shared"), "shared"),
+        "fused": _odd_case(join("qwen3_moe"), "fused"),
     }
     with open(join(f"result.{dist.get_rank()}.json"), "w") as f:
         json.dump(res, f)
@@ -268,6 +306,7 @@ def worker(folder: str) -> None:
 
 def _write_inputs(folder) -> None:
     import keras
+    import torch_ckpt_cases as cases
 
     from keras_tensor_parallel import catalogue
 
@@ -283,6 +322,7 @@ def _write_inputs(folder) -> None:
     model = catalogue.seed_attention()
     model.save(str(folder / "attention.keras"))
     model.save_weights(str(folder / "attention.weights.h5"))
+    cases.write_presets(folder)  # qwen3_shared, qwen3_moe
     # The LM preset with a config whose feed-forward width differs.
     shutil.copytree(folder / "opt_lm", folder / "edited")
     for name in ("config.json", "task.json"):
@@ -383,6 +423,25 @@ def test_bad_input_names_what_differs_and_leaves_files(ranks):
     for res in results:
         assert "has shape" in res["bad"]["edited"], res["bad"]
         assert "does not exist" in res["bad"]["missing"], res["bad"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["shared", "fused"])
+def test_shared_kv_and_fused_experts_load_into_shards(ranks, name):
+    results, _, _ = ranks
+    for res in results:
+        case = res[name]
+        assert case["rel"] <= 1e-5 and case["trained"] <= 1e-5, case
+        assert case["final"] >= case["held"], case
+        assert case["ratio"] <= 1.05, case
+        odd, local = case["odd"], case["local"]
+        if name == "shared":  # key and value: the one kv head, both ranks
+            shared = [p for p, v in odd.items() if v == [2, 1]]
+            assert len(shared) == 2, odd
+            assert all(local[p] == [32, 1, 8] for p in shared), local
+        else:  # the (3, 32, 2 x 16) bank: 8 of each part per rank
+            gate = [p for p, v in odd.items() if v == [1, 2]]
+            assert len(gate) == 1 and local[gate[0]] == [3, 32, 16], local
 
 
 if __name__ == "__main__":

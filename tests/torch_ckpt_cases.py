@@ -208,3 +208,19 @@ def chunks(step: str, suffix: str) -> list:
     key = next(k for k, v in saved.items() if v[2].endswith(suffix))
     meta = FileSystemReader(step).read_metadata().state_dict_metadata
     return sorted(list(c.offsets) for c in meta[f"model/{key}"].chunks)
+
+
+def write_presets(folder) -> None:
+    """`HUB`'s models as presets `qwen3_shared` and `qwen3_moe` (for
+    tests/test_loading_torch.py)."""
+    import keras
+    import keras_hub
+
+    for name, preset in (("shared", "qwen3_shared"), ("fused", "qwen3_moe")):
+        keras.utils.set_random_seed(4)
+        cls, config = HUB[name]
+        backbone = getattr(keras_hub.models, cls)(
+            vocabulary_size=64, num_layers=1, hidden_dim=32, head_dim=8,
+            **config,
+        )  # fmt: skip
+        backbone.save_to_preset(str(folder / preset))

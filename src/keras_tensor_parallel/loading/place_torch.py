@@ -24,7 +24,7 @@ import torch
 from keras_tensor_parallel.backends import torch as torch_engine
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends import torch_groups as tg
-from keras_tensor_parallel.loading import observers
+from keras_tensor_parallel.loading import adopt_torch, observers
 
 # Initializers whose values do not depend on the shape they are drawn at.
 _SHAPE_FREE = (
@@ -92,33 +92,32 @@ def local_initializer(initializer, full_shape, local_shape, rank: int):
     return out
 
 
-def _fresh(variable, entry, index, rank: int):
-    local_shape = tuple(
-        len(range(*s.indices(n))) for s, n in zip(index, entry.shape)
-    )
+def _fresh(variable, entry, index, local_shape, rank: int):
     init = variable._initializer
     local = local_initializer(init, entry.shape, local_shape, rank)
     if local is not None:
         return local(local_shape, dtype=variable.dtype)
+    index = tuple(
+        torch.as_tensor(i) if isinstance(i, np.ndarray) else i for i in index
+    )  # a fused kernel's block of every part
     with torch.device("cpu"):  # whole on the host only, then sliced
         return torch.as_tensor(init(entry.shape, dtype=variable.dtype))[
             index
         ].clone()
 
 
-def _check_placeable(plan) -> None:
-    """Refuse, before any variable is placed, what loading cannot yet
-    place: kv heads shared by ranks and fused expert kernels."""
-    odd = [e for e in plan if e.copies > 1 or getattr(e, "parts", 1) > 1]
-    if odd:
-        raise ValueError(
-            "Loading straight into shards on torch does not place kv heads "
-            "shared by several ranks or fused expert kernels yet: build "
-            "the model, then wrap it with TensorParallelKeras, or replicate "
-            f"them with overrides. Received: {odd[0].path} (copies="
-            f"{odd[0].copies}, parts={getattr(odd[0], 'parts', 1)}) and "
-            f"{len(odd) - 1} more"
-        )
+def _where(entry, rank: int, size: int):
+    """`(index, local shape, draw rank, kind)` of this rank's values:
+    kind "shared" / "fused" (`adopt_torch.py`), "split" or None."""
+    special = adopt_torch.kind(entry) if size > 1 else None
+    if special:
+        return (*adopt_torch.local_index(entry, rank, size), special)
+    if entry.is_split and size > 1:
+        index, sizes = local_index(entry.shape, entry.split_dim, rank, size)
+        shape = list(entry.shape)
+        shape[entry.split_dim] = sizes[rank]
+        return index, tuple(shape), rank, "split"
+    return tuple(slice(None) for _ in entry.shape), entry.shape, rank, None
 
 
 def to_torch(value) -> torch.Tensor:
@@ -147,27 +146,33 @@ def place_local(variables, plan, *, weights=None, names=None) -> None:
     place_local(src.created, plan, weights=reader, names=names)
     ```
     """
-    _check_placeable(plan)
     names = names or {}
     size = plan.world_size
     rank = model_rank(size)
     by_path = {e.path: e for e in plan}
+    kinds = [_where(by_path[v.path], rank, size)[3] for v in variables]
+    styles = None  # checked before any value is placed
+    if {"shared", "fused"} & set(kinds):
+        styles = adopt_torch.styles(plan)
     for v in variables:
         entry = by_path[v.path]
-        split = entry.is_split and size > 1
-        if split:
-            index, _ = local_index(entry.shape, entry.split_dim, rank, size)
-        else:
-            index = tuple(slice(None) for _ in entry.shape)
+        index, shape, draw, kind = _where(entry, rank, size)
         name = names.get(id(v))
         if weights is not None and name is not None:
-            value = to_torch(weights.read(name, index))
-        elif split:
-            value = _fresh(v, entry, index, rank)
+            if kind in ("shared", "fused"):
+                value = adopt_torch.read(
+                    weights, name, index, shape, v.dtype, to_torch
+                )
+            else:
+                value = to_torch(weights.read(name, index))
+        elif kind is not None:
+            value = _fresh(v, entry, index, shape, draw)
         else:
             value = v._initializer(entry.shape, dtype=v.dtype)
-        if split:
+        if kind == "split":
             torch_engine.adopt_shard(v, entry.split_dim, rank, size, value)
+        elif kind is not None:
+            adopt_torch.adopt(v, entry, rank, size, value, styles)
         else:
             v._initialize(value)
         v._initializer = None
