@@ -246,6 +246,14 @@ CASES = {
         ["heads", "replicated", "replicated", "row"] * 2,
         {"partial": 3 * 8},
     ),
+    # Shared kv blocks with sequence parallelism (seq 8 over 4 ranks): the
+    # repeat is cut as in plain TP; the norms between regions, applied by
+    # ops, get their chunk's gradient summed (sequence_plan._Walk).
+    "qwen3-kv2-sp": (
+        "self_attention/",
+        ["heads"] * 3 + ["row"],
+        {"shared": 3 * 4, "partial": 3 * 4},
+    ),
 }
 
 

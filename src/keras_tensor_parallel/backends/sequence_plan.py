@@ -50,15 +50,10 @@ def refuse(why: str, received: str) -> None:
 
 
 def _check_plan(plan, edges: dict) -> None:
-    """Refuse what the edges cannot express: shared kv heads, split
-    variables outside a region edge (op-level or expert weights), no
-    region at all."""
-    copies = {e.copies for e in plan if e.copies > 1}
-    if copies:
-        refuse(
-            "kv heads shared by several ranks are not supported",
-            f"copies={sorted(copies)}",
-        )
+    """Refuse what the edges cannot express: split variables outside a
+    region edge (op-level or expert weights), no region at all. Kv heads
+    shared by several ranks run: their column edge opens the repeat's
+    window (`torch_sequence._shared_window`)."""
     if not any(side == ROW for _, side in edges.values()):
         refuse("the plan has no region (no row-parallel layer)", "no rows")
     paths = {layer.path for layer, _ in edges.values()}
@@ -136,12 +131,21 @@ class _Walk:
     def mark(self, tensors, into: set) -> None:
         into.update(id(t) for t in tensors)
 
-    def replicated(self, layer) -> None:
+    def replicated(self, layer, node=None) -> None:
         """`layer`'s replicated weights see one chunk's (or a zero-padded)
-        gradient: partial, all-reduced."""
+        gradient: partial, all-reduced; so do the variables an op node
+        reads itself (Qwen3's norm scales, applied by `ops.multiply`)."""
         if isinstance(layer, keras.layers.Layer):
             for v in _partial(layer, self.plan):
                 self.partial[id(v)] = v
+        if node is None:
+            return
+        for v in keras.tree.flatten((node.args, node.kwargs)):
+            if isinstance(v, keras.Variable) and v.trainable:
+                entry = self.plan.get(v.path)
+                if entry is not None and not entry.is_split:
+                    if not getattr(entry, "sum_grad", False):
+                        self.partial[id(v)] = v
 
     def gather(self, node, side) -> None:
         if not (node.inputs and id(node.inputs[0]) in self.split):
@@ -161,7 +165,7 @@ class _Walk:
         """A node outside the regions reading a split tensor."""
         _check_reader(node, self.split, self.plan)
         self.mark(node.outputs, self.split)
-        self.replicated(node.op)
+        self.replicated(node.op, node)
         if type(node.op).__name__ == "PositionEmbedding":
             self.sp.positions.append(node.op)
         if _is_dropout(node.op) and node.op not in self.sp.dropouts:

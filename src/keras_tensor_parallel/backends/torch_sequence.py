@@ -26,9 +26,12 @@ mask from their split input: they get the whole sequence's mask),
 draws the whole sequence's mask, as one process, and keeps its chunk),
 and the model's outputs (all-gathered for the loss; backward keeps the
 local chunk).
-Replicated parameters read by split activations (norms, row biases, the
-position table, kv heads replicated beside split query heads) get partial
-gradients: each is all-reduced over the model axis once per backward.
+Replicated parameters read by split activations (norms, also those
+applied by ops, row biases, the position table, kv heads replicated
+beside split query heads) get partial gradients: each is all-reduced over
+the model axis once per backward. Kv blocks shared by several ranks
+(`torch_heads.py`) open the repeat's window after their gathered call, as
+in plain tensor parallelism.
 
 The split happens only inside a call of the wrapped model whose token
 sequence divides by the model-axis size; other calls (a decode step of
@@ -44,7 +47,7 @@ import types
 import keras
 import torch
 
-from keras_tensor_parallel.backends import roles
+from keras_tensor_parallel.backends import roles, torch_heads
 from keras_tensor_parallel.backends import torch_collectives as tc
 from keras_tensor_parallel.backends.sequence_plan import (
     COLUMN,
@@ -147,8 +150,29 @@ def _install_edges(sp: SequencePlan, comm, shard, state, journal) -> None:
     rest = [(layer, s) for layer, s in sp.edges.values() if s != COLUMN]
     for layer, side in gathering + rest:
         parallel = _sequence_forward(styles[side], layer, shard)
+        if side == COLUMN:
+            parallel = _shared_window(layer, parallel)
         call = _either(layer.call, parallel, uses[side])
         journal.setattr(layer, "call", call)
+
+
+def _shared_window(layer, parallel):
+    """A kv projection whose block `copies` ranks share: after it, the
+    model's repeat of its heads is cut to the local query heads until the
+    region's row closes (as `torch_roles.TorchHeads` does in plain TP;
+    the plain install registered the close)."""
+    copies = max(
+        [getattr(v, "_tp_copies", 1) for v in layer._trainable_variables] or [1]
+    )
+    if copies == 1:
+        return parallel
+
+    def call(*args, **kwargs):
+        out = parallel(*args, **kwargs)
+        torch_heads.open_window(copies)
+        return out
+
+    return call
 
 
 def _install_positions(sp: SequencePlan, shard, state, journal) -> None:
