@@ -328,3 +328,37 @@ def test_weights_of_another_model_name_the_variables(tmp_path):
     catalogue.seed_mlp().save_weights(path)
     with pytest.raises(ValueError, match="do not match the model"):
         _load(catalogue.seed_einsum, weights=path)
+
+
+def test_auto_size_is_chosen_from_shapes_before_loading(lm_preset, capsys):
+    from keras_tensor_parallel import autosize
+    from keras_tensor_parallel.devices import resolve_devices
+    from keras_tensor_parallel.plan import format_bytes
+
+    ids = resolve_devices(world_size=2)
+    # What the constructor's "auto" measures on the built models.
+    mlp = [autosize.measure(catalogue.seed_mlp(), ids, t) for t in (1, 2)]
+    single = keras_hub.models.CausalLM.from_preset(lm_preset)
+    # One device: one size to try (each try compiles a train step).
+    lm = autosize.measure(single, ids[:1], 1)
+    assert mlp[0].total > mlp[1].total
+    budget = (mlp[0].total + mlp[1].total) // 2  # T=1 does not fit
+    capsys.readouterr()
+    tp = TensorParallelKeras.build(
+        catalogue.seed_mlp, world_size=2, tensor_parallel_size="auto",
+        device_memory=budget)  # fmt: skip
+    # Measured on the unallocated model: the very figures of the built
+    # one, printed before a shard existed; then built at T=2.
+    shown = capsys.readouterr().out
+    assert autosize.Choice(2, budget, tuple(mlp)).table() in shown
+    assert tp.tensor_parallel_size == 2 and tp.plan.split
+    assert not split_dim_shards_ok(tp, 2)
+    del tp
+    before = _live_bytes()
+    with pytest.raises(ValueError, match="smallest need is") as info:
+        TensorParallelKeras.from_preset(
+            lm_preset, world_size=1, tensor_parallel_size="auto",
+            device_memory=lm.total - 1)  # fmt: skip
+    assert format_bytes(lm.total) in str(info.value)
+    # Nothing was placed (a few bytes: jit constants of the measurement).
+    assert _live_bytes() <= before + 2**16 < before + lm.params

@@ -27,6 +27,7 @@ from keras_tensor_parallel.backends.jax_distribution import (
     mesh_axes,
 )
 from keras_tensor_parallel.backends.jax_variables import (
+    lay_out,
     logical_value,
     reshard,
     storage_shapes,
@@ -56,13 +57,20 @@ def on_mesh(variable, mesh) -> bool:
 
 
 def apply_plan(model, plan: ShardingPlan, mesh, journal, checkpoint) -> None:
-    """Re-shard every model variable per `plan`, one undo per variable."""
+    """Re-shard every model variable per `plan`, one undo per variable.
+
+    A variable with no value yet (built unallocated, as `from_preset` and
+    `build` do before choosing `tensor_parallel_size="auto"`) only takes
+    its layout: the train step is then measured from shapes."""
+    from keras_tensor_parallel.loading.abstract import is_unallocated
+
     variables = list(model.variables)
     base.check_plan_matches(variables, plan)
     for v, entry in zip(variables, plan.variables):
         checkpoint()
         axes = mesh_axes(entry, mesh)
-        journal.add(reshard(v, axes, mesh, entry.padded_shape))
+        move = lay_out if is_unallocated(v) else reshard
+        journal.add(move(v, axes, mesh, entry.padded_shape))
 
 
 def place_state(variables, mesh, params) -> None:

@@ -141,6 +141,25 @@ def reshard(variable, axes, mesh, padded_shape=None) -> Callable[[], None]:
     return lambda: unshard(variable, old)
 
 
+def lay_out(variable, axes, mesh, padded_shape=None) -> Callable[[], None]:
+    """`reshard` for a variable with no value yet (created unallocated,
+    `loading.abstract`): only its layout and stored shape change, so the
+    train step can be measured from shapes (`autosize`) before a shard
+    exists. Returns the undo."""
+    old = (variable.__class__, variable._shape, variable._layout)
+    if padded_shape is not None and tuple(padded_shape) != old[1]:
+        variable._tp_logical_shape = tuple(old[1])
+        variable._shape = tuple(padded_shape)
+        variable.__class__ = _padded_class(old[0])
+    variable._layout = layout(axes, mesh)
+
+    def restore():
+        variable.__class__, variable._shape, variable._layout = old
+        variable.__dict__.pop("_tp_logical_shape", None)
+
+    return restore
+
+
 def unshard(variable, old) -> None:
     """Undo `reshard`: the logical value on one device, the old layout."""
     value = logical_value(variable)

@@ -168,6 +168,7 @@ def load(
         world_size=world_size, device_ids=device_ids, backend=backend
     )
     src = resolve(source, model_class=model_class, weights=weights)
+    _choose_size(src.model, ids, backend, overrides, kwargs)
     if plan is None:
         size = kwargs.get("tensor_parallel_size")
         plan = _plan(src.model, size, ids, overrides, backend)
@@ -198,6 +199,31 @@ def _loading_backend(distributed_backend) -> str:
             f"engines; received distributed_backend={backend!r}"
         )
     return backend
+
+
+def _choose_size(model, ids, backend: str, overrides, kwargs) -> None:
+    """`tensor_parallel_size="auto"` is chosen here, from the unallocated
+    model's shapes (`autosize.measure` lays out, allocates nothing),
+    before any shard exists; the wrapper gets the size it chose."""
+    _check_auto(kwargs.get("tensor_parallel_size"), backend)
+    if "device_memory" in kwargs or kwargs.get("tensor_parallel_size"):
+        kwargs["tensor_parallel_size"] = devices_lib.tensor_parallel_size(
+            kwargs.get("tensor_parallel_size"), ids, backend, model=model,
+            device_memory=kwargs.pop("device_memory", None),
+            overrides=overrides)  # fmt: skip
+
+
+def _check_auto(size, backend: str) -> None:
+    if size == "auto" and backend == "torch":
+        # The torch estimate runs a measured forward pass: it needs values,
+        # which a model built straight into shards has only after loading.
+        raise ValueError(
+            "tensor_parallel_size='auto' with from_preset/build is chosen "
+            "from shapes on the JAX engine; on torch pass an integer "
+            "tensor_parallel_size (or wrap a built model with "
+            "TensorParallelKeras(model, tensor_parallel_size='auto', ...)). "
+            "Received: tensor_parallel_size='auto' on the torch engine"
+        )
 
 
 def _plan(model, size, ids, overrides, backend: str):
