@@ -246,6 +246,19 @@ CASES = {
         ["heads", "replicated", "replicated", "row"] * 2,
         {"partial": 3 * 8},
     ),
+    # Gemma 3, 8 query / 2 kv heads: ranks 0-1 hold kv head 0, 2-3 head 1
+    # (copies 2), 2 query heads each, reshaped into (1, 2) by local counts;
+    # plain and sequence parallel (the realistic Gemma case at N=4).
+    "gemma3-kv2": (
+        "attention/",
+        ["heads", "heads", "heads", "row"] * 2,
+        {"shared": 3 * 4, "partial": 3 * 4},
+    ),
+    "gemma3-kv2-sp": (
+        "attention/",
+        ["heads", "heads", "heads", "row"] * 2,
+        {"shared": 3 * 4, "partial": 3 * 4},
+    ),
     # Shared kv blocks with sequence parallelism (seq 8 over 4 ranks): the
     # repeat is cut as in plain TP; the norms between regions, applied by
     # ops, get their chunk's gradient summed (sequence_plan._Walk).
@@ -326,6 +339,13 @@ def test_weights_split_and_train_as_one_process(results, name):
         assert res["weights"] <= 1e-4, (res["worst"], res["weights"])
         assert res["after"] <= 1e-5, res
     _check_plan(name, results[0])
+    if name.startswith("gemma3-kv2"):
+        for res in results:
+            path = "decoder_block_0/attention/key/kernel"
+            assert res["local"][path] == [1, 32, 8], res["local"]
+            assert res["torch"][path][0] == 2, res["torch"]
+            query = res["local"]["decoder_block_0/attention/query/kernel"]
+            assert query == [2, 32, 8], query
     if name == "gemma3":
         res = results[0]
         full = sum(math.prod(s) * 4 for s in res["real_shapes"])

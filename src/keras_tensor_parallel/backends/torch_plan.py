@@ -187,7 +187,11 @@ class TorchGrower(torch_experts.ExpertGrower):
         return region
 
     def _groups_heads(self, region, node, t, d) -> bool:
-        return False  # the per-rank reshape would need the full kv count
+        # Gemma's reshape of split query heads into (kv heads, group) with
+        # kv heads shared: each rank's reshape reads its local counts
+        # (`torch_attributes.py`; a model whose code cannot fails the
+        # wrap's check run with a ValueError, rolled back).
+        return super()._groups_heads(region, node, t, d)
 
     def _visit(self, region, node, recruit: bool) -> None:
         if self._fused_split(region, node):
@@ -199,9 +203,11 @@ class TorchGrower(torch_experts.ExpertGrower):
             for t in node.outputs
             if id(t) in region.split and id(t) not in region.copies
         ]
-        if shared and widened and node.type_name != "Repeat":
+        if shared and widened and node.type_name not in ("Repeat", "Reshape"):
             # A rank's code widens its one kv head to its query heads only
-            # through `ops.repeat` (`torch_heads.py` cuts its count).
+            # through `ops.repeat` (`torch_heads.py` cuts its count) or by
+            # merging (kv, group) back into heads (Gemma's output reshape,
+            # its local counts set by `torch_attributes.py`).
             raise prop.Conflict(
                 f"{node.name} widens shared kv heads without a repeat"
             )
