@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import (
     all_gather_shapes,
+    forward_hlo,
     max_abs_diff,
     rel_tol,
     weight_gathers,
@@ -306,9 +307,14 @@ def lora_model():
     return model
 
 
-def test_lora_splits_with_its_kernel_and_trains_like_one_device():
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_lora_splits_with_its_kernel_and_trains_like_one_device(
+    sequence_parallel,
+):
     reference, candidate = lora_model(), lora_model()
-    tp = TensorParallelKeras(candidate, world_size=2)
+    tp = TensorParallelKeras(
+        candidate, world_size=2, sequence_parallel=sequence_parallel
+    )
     shapes = {v.path: tp.engine.shard_shapes(v)[0] for v in candidate.variables}
     assert shapes["q/kernel"] == (8, 2, 2)  # heads
     assert shapes["q/lora_kernel_a"] == (8, 2, 2)  # (d, n/2, r)
@@ -325,6 +331,9 @@ def test_lora_splits_with_its_kernel_and_trains_like_one_device():
     want = reference.predict(x, verbose=0)
     got = tp.predict(x, verbose=0)
     assert max_abs_diff(got, want) <= rel_tol(want, 1e-5)
+    # Sequence parallel: the row edges reduce-scatter over the sequence.
+    scattered = "reduce-scatter" in forward_hlo(tp, x)
+    assert scattered == sequence_parallel
     for m in (reference, tp):
         m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
         m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 from keras_tensor_parallel.plan import DATA_AXIS, MODEL_AXIS, Role
+from keras_tensor_parallel.plan.lora import kernel_variable
 from keras_tensor_parallel.plan.rules import (
     EmbeddingRule,
     LinearRule,
@@ -157,7 +158,7 @@ def _row_call(layer, original, edges: Edges):
         if not edges.divides(inputs, x_l.index(o_l[1])):
             return original(inputs, *args, **kwargs)
         eq = f"{x_l},{k_l}->{o_l}"
-        kspec = edges.spec(layer.kernel)
+        kspec = edges.spec(kernel_variable(layer))
 
         def local(x, k):
             y = jax.numpy.einsum(eq, x, k)
@@ -188,7 +189,7 @@ class _ColumnGroup:
         rules = [rule_for(m) for m in self.layers]
         labels = [_letters(r, len(inputs.shape)) for r in rules]
         x_l = labels[0][0]
-        kspecs = [self.edges.spec(m.kernel) for m in self.layers]
+        kspecs = [self.edges.spec(kernel_variable(m)) for m in self.layers]
         eqs = [f"{x},{k}->{o}" for x, k, o in labels]
         seq = x_l.index(x_l[1])
 
@@ -317,8 +318,6 @@ def _refuse(layer, why: str) -> None:
 def _check_layer(layer, side: str, ndim: int) -> None:
     """ValueError unless `layer` is a supported edge with a sequence dim
     (a dim besides the batch and the features, as in [batch, seq, h])."""
-    if getattr(layer, "lora_enabled", False):
-        _refuse(layer, "LoRA-enabled projections are not supported")
     if side == VOCAB:
         # mask_zero: Keras computes the mask from the ids (compute_mask),
         # not in `call`; it stays whole along the sequence, as in plain TP.
