@@ -6,8 +6,10 @@ layer rule; the planner splits them by the traced op, and the torch engine
 plays column / row at that op (`backends/roles_ops.py`). Qwen3 with 2 kv
 heads gives ranks 0-1 the first, 2-3 the second (`torch_heads.py`:
 gradient summed over each pair's subgroup), OPT with 6 heads holds
-2, 2, 1, 1 of them (padded heads as uneven shards), Qwen3-MoE splits its
-fused gate/up inside each expert.
+2, 2, 1, 1 of them (padded heads as uneven shards), Mixtral and Qwen3-MoE
+hold whole experts (expert parallel), Gemma 3 splits its query heads
+(its own reshapes read local counts), also with 2 kv heads shared by
+pairs, and with sequence parallelism.
 Each rank builds the same reference from the same seed and compares the
 4-rank forward, gradients and 3 Adam steps against one process, its
 local shapes and bytes against the independently computed shard shapes,
@@ -228,7 +230,8 @@ CASES = {
     #        {counter: all-reduces in 3 train steps})
     "own-weights": ("own_dense", ["column", "row"] * 2, {}),
     "heads-bias": ("einsum_dense", ["heads", "row"], {}),
-    "mixtral": ("experts/", ["column", "column", "row"] * 2, {}),
+    # Expert parallel (torch_experts.py): 1 whole expert per rank.
+    "mixtral": ("experts/", ["expert", "expert", "expert"] * 2, {}),
     # key/value of 2 layers shared; query/key norm scales of 2 layers.
     "qwen3-kv2": (
         "self_attention/",
@@ -236,8 +239,8 @@ CASES = {
         {"shared": 3 * 4, "partial": 3 * 4},
     ),
     "opt-6-heads": ("self_attention/", (["heads"] * 6 + ["row"]) * 2, {}),
-    # fused gate/up column inside each expert, down row; q/k norms.
-    "qwen3-moe": ("experts/", ["column", "row"], {"partial": 3 * 4}),
+    # expert parallel, the fused gate/up bank whole per expert; q/k norms.
+    "qwen3-moe": ("experts/", ["expert", "expert"], {"partial": 3 * 4}),
     # Gemma 3, 4 query heads / 1 kv head: one query head per rank (its own
     # reshapes read local counts, torch_attributes.py), the kv head whole;
     # partial gradients summed: query norm, key, value, key norm x 2 layers.
@@ -287,7 +290,8 @@ def _check_plan(name, res):
     if name == "opt-6-heads":
         assert "ranks hold 2, 2, 1, 1" in reasons[first("query/kernel")]
     if name == "qwen3-moe":
-        assert extra[first("experts/expert_feedforward_gate_dense")][1] == 2
+        gate_up = first("experts/expert_feedforward_gate_dense")
+        assert res["roles"][gate_up] == "expert", res["roles"]
     if name == "heads-bias":
         assert [v[2] for p, v in extra.items() if "bias" in p] == [True]
     if name in ("mixtral", "own-weights"):
