@@ -207,6 +207,38 @@ def _dropout(res):
         res[f"dropout_{key}"] = _fit(model, x, y, steps=2)
 
 
+def _attributes(res):
+    """Gemma's head counts are local while the engine holds the model and
+    global again after `unapply`, or after a wrap that fails late."""
+    from keras_tensor_parallel import catalogue
+    from keras_tensor_parallel.backends.torch import TorchEngine
+    from keras_tensor_parallel.backends.torch_plan import plan_torch
+
+    model = catalogue.get("gemma-small:tiny").variant(num_layers=1).build()
+    layer = model.get_layer("decoder_block_0").attention
+
+    def counts():
+        return [layer.num_query_heads, layer.num_key_value_heads]
+
+    before = model.get_weights()
+    engine = TorchEngine(plan_torch(model, 2), ["cpu:0", "cpu:1"])
+    engine.apply(model)
+    res["counts_held"] = counts()
+    engine.unapply(model)
+    res["counts_after"] = counts()
+
+    def interrupt():  # the check run's last step, after the counts are set
+        if layer.num_query_heads != 4:
+            raise KeyboardInterrupt
+
+    engine = TorchEngine(plan_torch(model, 2), ["cpu:0", "cpu:1"])
+    try:
+        engine.apply(model, checkpoint=interrupt)
+    except KeyboardInterrupt:
+        res["counts_failed"] = counts()
+    res["counts_unchanged"] = _unchanged(model, before)
+
+
 def worker(out_path: str) -> None:
     from keras_tensor_parallel.backends import torch_collectives as tc
 
@@ -220,6 +252,7 @@ def worker(out_path: str) -> None:
     _parity(res, "gemma-small:tiny+lm", "gemma")
     _refusals(res)
     _dropout(res)
+    _attributes(res)
     with open(f"{out_path}.{tc.rank()}", "w") as fh:
         json.dump(res, fh)
 
@@ -328,6 +361,15 @@ def test_dropout_between_regions_trains_as_plain_tensor_parallel(results):
         np.testing.assert_allclose(sp, tp, rtol=1e-6)
         # Dropout was on: the first step's loss is not the loss without.
         assert abs(tp[0] - res["dropout_eval"]) > 1e-4 * abs(tp[0])
+
+
+@pytest.mark.torch
+def test_gemma_head_counts_local_while_held_and_restored(results):
+    for res in results:
+        assert res["counts_held"] == [2, 1], res["counts_held"]
+        assert res["counts_after"] == [4, 1], res["counts_after"]
+        assert res["counts_failed"] == [4, 1], res.get("counts_failed")
+        assert res["counts_unchanged"]
 
 
 @pytest.mark.torch
