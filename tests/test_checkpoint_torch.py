@@ -224,8 +224,9 @@ def one_process(folder: str) -> None:
 
 
 def four_ranks(folder: str) -> None:
-    """4 ranks restore the 2-rank checkpoint (1001 rows: 251, 250, 250,
-    250 each) and train on."""
+    """4 ranks restore the 2-rank checkpoints (1001 rows: 251, 250, 250,
+    250 each; the kv head of `shared` on all 4, the fused bank's parts in
+    4 blocks) and train on."""
     import torch.distributed as dist
 
     from keras_tensor_parallel.backends import torch_collectives as tc
@@ -236,7 +237,14 @@ def four_ranks(folder: str) -> None:
         "loaded": tp.load_checkpoint(os.path.join(folder, "cross")),
         "rows": int(tp.wrapped_model.layers[0].embeddings.value.shape[0]),
         "losses": _fit(tp, slice(12, 24)),
+        "hub": {},  # shared kv (copies=4 here) and fused parts, from 2 ranks
     }
+    for name in cases.HUB:
+        hub = cases._make_hub(name, 9)
+        res["hub"][name] = {
+            "loaded": hub.load_checkpoint(os.path.join(folder, name)),
+            "losses": cases._hub_fit(hub, slice(4, 8)),
+        }
     with open(os.path.join(folder, f"result.four.{dist.get_rank()}"), "w") as f:
         json.dump(res, f)
 
@@ -331,6 +339,11 @@ def test_restore_at_four_ranks(runs):
         np.testing.assert_allclose(
             res["losses"], ranks[0]["cross"]["losses"], rtol=1e-5, atol=0
         )
+        for name, hub in res["hub"].items():
+            assert hub["loaded"] == ranks[0][name]["path"]
+            np.testing.assert_allclose(
+                hub["losses"], ranks[0][name]["losses"], rtol=1e-5, atol=0
+            )
 
 
 @pytest.mark.torch
