@@ -79,7 +79,7 @@ def local_index(entry, rank: int, size: int):
     return tuple(index), tuple(shape), rank
 
 
-def read(weights, name, index, shape, dtype, to_torch) -> torch.Tensor:
+def read(weights, name, index, shape, to_torch) -> torch.Tensor:
     """This rank's values of a shared block or fused kernel: one read of
     a slice (or, from h5, of the block's indices), else one per run of
     consecutive indices, each copied into its place."""

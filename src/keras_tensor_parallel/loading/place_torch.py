@@ -160,9 +160,7 @@ def place_local(variables, plan, *, weights=None, names=None) -> None:
         name = names.get(id(v))
         if weights is not None and name is not None:
             if kind in ("shared", "fused"):
-                value = adopt_torch.read(
-                    weights, name, index, shape, v.dtype, to_torch
-                )
+                value = adopt_torch.read(weights, name, index, shape, to_torch)
             else:
                 value = to_torch(weights.read(name, index))
         elif kind is not None:
