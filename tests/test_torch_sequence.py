@@ -180,6 +180,12 @@ def _refusals(res):
             np.array_equal(a, b) for a, b in zip(tp.get_weights(), before)
         )
         res["indivisible"] = str(e) if same else f"weights changed: {e}"
+    # Gemma with 3 query heads at N=2: the plan splits value on its head
+    # dim, which Gemma's reshapes cannot run per rank.
+    gemma3q = catalogue.get("gemma-small:tiny").variant(
+        num_layers=1, num_query_heads=3
+    )
+    _refused(res, "gemma-3-heads", gemma3q.build)
     # A forward of any length runs (as plain TP when it does not divide).
     res["indivisible_predict"] = list(tp(x).shape)
 
@@ -347,6 +353,7 @@ def test_saved_activations_below_plain_tensor_parallel(results, name):
         ("mlp", "no sequence dim"),
         ("recompute", "attention dropout 0"),
         ("indivisible", "must divide by it"),
+        ("gemma-3-heads", "value kernel on dim 2 (the head dim"),
     ],
 )
 def test_bad_input_refused_and_unchanged(results, key, rule):

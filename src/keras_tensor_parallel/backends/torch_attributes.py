@@ -56,12 +56,34 @@ def _heads(dense, entries) -> int | None:
     return int(kernel.value.shape[0])
 
 
+def _check_value(layer, entries) -> None:
+    """Gemma's output reshape takes the head dim from the queries, so a
+    value split on its head dim (the plan's choice when the query heads
+    cannot split, say 6 heads at N=4) cannot run on a rank."""
+    kernel = getattr(getattr(layer, "value_dense", None), "kernel", None)
+    entry = entries.get(getattr(kernel, "path", None))
+    if entry is None or not entry.is_split or entry.split_dim == 0:
+        return
+    raise ValueError(
+        f"The torch engine cannot split {layer.path} ({type(layer).__name__}"
+        f"): the plan splits its value kernel on dim {entry.split_dim} "
+        "(the head dim; its query heads do not divide by the world size "
+        "and cannot be padded on torch), and the layer's reshapes read the "
+        "head dim from the queries. Replicate the attention with "
+        "overrides={'.*attention/(query|key|value|attention_output)/"
+        "kernel': 'replicated'}, pick a world size that divides the query "
+        f"heads, or use JAX. Received: value kernel {kernel.path} of shape "
+        f"{tuple(entry.shape)} split on dim {entry.split_dim}"
+    )
+
+
 def local_counts(layer, entries) -> dict | None:
     """`{attribute: local value}` for a known attention `layer` whose
     query heads the plan splits (None: nothing to change)."""
     names = KNOWN.get(type(layer).__name__)
     if names is None:
         return None
+    _check_value(layer, entries)
     query = _heads(getattr(layer, names[0], None), entries)
     if query is None:
         return None
