@@ -3,11 +3,14 @@ creating every split variable at its local shard shape.
 
 A rank reads only its own rows of a saved value (`H5Weights.read` and
 `HFWeights.read` take an index), so no rank ever holds a whole split
-variable. A fresh value is drawn by the initializer at the local shape:
+variable; a kv block shared by several ranks and a fused kernel's block of
+every part are read and split as the engine splits them
+(`adopt_torch.py`). A fresh value is drawn by the initializer at the
+local shape (ranks sharing a kv block draw the same one):
 variance-scaling initializers (Glorot, He, LeCun) get their scale
 corrected so the shard has the full shape's variance, and every random
-initializer gets a seed that differs per rank (shards of one seed would be
-copies of each other). An initializer whose values depend on the whole
+initializer gets a seed that differs per shard (shards of one seed would
+be copies of each other). An initializer whose values depend on the whole
 shape in another way (orthogonal, identity, a plain function) runs at the
 full shape on the host and only the local rows are kept: on a CPU rank
 that one variable is then held whole for a moment (a known exception to
