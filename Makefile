@@ -21,7 +21,8 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: install lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1500 --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1500 --durations=25 \
+	  -n 2 --dist loadgroup
 
 main: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 \

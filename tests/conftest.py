@@ -1,11 +1,14 @@
-"""Launches shared by several test files (session-scoped: one each)."""
+"""Launches shared by several test files (session-scoped: one each), and
+how `make test` spreads the files over pytest-xdist's two workers."""
 
+import gc
 import os
 import subprocess
 import sys
 
 import pytest
 
+SHARED_LAUNCHES = ("tf_run", "four_ranks")
 TF_ENGINE = os.path.join(os.path.dirname(__file__), "test_tensorflow_engine.py")
 TF_TIMEOUT = 420
 
@@ -59,3 +62,57 @@ def four_ranks(tmp_path_factory):
         return folder / name
 
     return case
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_after_each_file():
+    """Compiled programs are dropped after each file: an xdist worker runs
+    hundreds of tests, and two of them share the machine's memory."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+
+
+def _shares_a_launch(item) -> bool:
+    """Whether `item` reads a fixture set up once per module (a launch)."""
+    defs = item._fixtureinfo.name2fixturedefs
+    return any(
+        d.scope in ("module", "package", "class")
+        for name in item.fixturenames
+        if name != "_release_after_each_file"
+        for d in defs.get(name, ())
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist groups (`make test`: `-n 2 --dist loadgroup`): one for
+    all the tests that read a session launch (it runs once), one per file
+    for the tests that read a module launch (it runs once per file); every
+    other test goes to whichever worker is free. Grouped tests go first, so
+    that the long groups do not end the run alone."""
+    files = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        for name in SHARED_LAUNCHES:
+            if name in item.fixturenames:
+                files[path] = name
+    grouped = []
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path in files and _shares_a_launch_or_session(item):
+            group = files[path]
+        elif _shares_a_launch(item):
+            group = path
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+        grouped.append(item)
+    first = set(map(id, grouped))
+    items[:] = grouped + [i for i in items if id(i) not in first]
+
+
+def _shares_a_launch_or_session(item) -> bool:
+    return _shares_a_launch(item) or any(
+        n in item.fixturenames for n in SHARED_LAUNCHES
+    )

@@ -4,6 +4,7 @@ Every comparison builds the single-device reference independently
 (`verify.build_pair`) and compares numbers; nothing is compared with itself.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -34,12 +35,19 @@ def small_lm(dropout=0.0):
     return causal_lm(spec.build())
 
 
-@pytest.fixture(scope="module")
-def batches():
+@functools.cache
+def _batches():
     x, y = lm_batches(
         stdlib_corpus(200_000), batch_size=2, seq_len=16, steps=10
     )
     return lm_inputs(x), y
+
+
+@pytest.fixture
+def batches():
+    # Cached per process, not a module fixture: pytest-xdist may then give
+    # this file's tests to both workers.
+    return _batches()
 
 
 def train(batches, optimizer_fn, world_size=2, **kw):
