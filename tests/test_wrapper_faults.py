@@ -137,11 +137,12 @@ CTRL_C = textwrap.dedent(
     from keras_tensor_parallel import TensorParallelKeras
     from keras_tensor_parallel.backends import jax as jax_engine
 
-    started = {{"apply": False}}
+    started = {{"apply": False, "at": 0.0}}
     original = jax_engine.JaxEngine.apply
 
     def apply(self, model, **kw):
         started["apply"] = True
+        started["at"] = time.perf_counter()
         return original(self, model, **kw)
 
     jax_engine.JaxEngine.apply = apply
@@ -151,12 +152,14 @@ CTRL_C = textwrap.dedent(
         t = time.perf_counter()
         TensorParallelKeras(model, world_size=2)
         full = time.perf_counter() - t
+        reach = started["at"] - t  # when the resharding starts
     rng = random.Random(0)
     counts = {{"interrupted": 0, "in_apply": 0, "completed": 0}}
     model = GPT2.build()
     want = _logits(model, x)
     # Until enough interrupts landed (a loaded machine changes how long a
-    # wrap takes, so the delays follow the quickest wrap seen), bounded.
+    # wrap takes, so the delays follow the quickest wrap seen, and stretch
+    # when an interrupt meant for the resharding came before it), bounded.
     runs = 0
     while runs < {runs} or (
         runs < 4 * {runs}
@@ -165,7 +168,8 @@ CTRL_C = textwrap.dedent(
         runs += 1
         before = snapshot(model)
         started["apply"] = False
-        delay = rng.uniform(0.0, full)
+        # Every other delay lands after the resharding began, as measured.
+        delay = rng.uniform(0.0 if runs % 2 else reach, full)
         timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         wrapped = False
@@ -183,6 +187,8 @@ CTRL_C = textwrap.dedent(
                 counts["in_apply"] += started["apply"]
                 assert_same(snapshot(model), before)
                 np.testing.assert_array_equal(_logits(model, x), want)
+                if delay >= reach and not started["apply"]:
+                    reach, full = 1.5 * reach, 1.5 * full  # slower now
         if wrapped:
             counts["completed"] += 1
             model = GPT2.build()
