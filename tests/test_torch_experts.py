@@ -224,6 +224,29 @@ def test_torch_plans_experts_as_jax_and_overrides_force_either():
     assert roles == [("column", 2), ("column", 2), ("row", 1)] * LAYERS
 
 
+def test_forced_inside_split_of_a_fused_bank_keeps_its_parts():
+    """Qwen3-MoE's gate/up bank `(experts, hidden, 2 * ffn)` is cut by
+    `ops.split` into gate and up: a column split forced with `overrides`
+    must give each rank its block of both parts (a plain column split
+    would give rank 0 only gate), and a norm forced replicated keeps the
+    gradient sum its split heads need."""
+    import coverage_models as cm
+
+    from keras_tensor_parallel.backends.torch_plan import plan_torch
+
+    model = cm.qwen3_moe()
+    forced = {
+        ".*experts/expert_feedforward_gate_dense": (None, None, "model"),
+        ".*experts/expert_feedforward_output_dense": (None, "model", None),
+        ".*query_dense_layernorm.*": "replicated",
+    }
+    plan = plan_torch(model, 4, overrides=forced)
+    banks = [e for e in plan if "expert_feedforward_gate_dense" in e.path]
+    assert banks and all(getattr(e, "parts", 1) == 2 for e in banks), banks
+    norms = [e for e in plan if "query_dense_layernorm" in e.path]
+    assert norms and all(getattr(e, "sum_grad", False) for e in norms)
+
+
 def _bank_model(squash: bool):
     """A tiny MoE block of its own weights: experts `(4, 16, 32)` and
     `(4, 32, 16)`, a router, and the combine `sum(out * routing, 0)`

@@ -89,13 +89,62 @@ def plan_torch(model, world_size: int, *, overrides=None) -> ShardingPlan:
     planner.grower = grower
     entries = planner.run()
     partial = _partial_paths(graph, planner)
-    entries = [
-        _torch_entry(e, grower.fused, partial, world_size) for e in entries
-    ]
-    plan = ShardingPlan(world_size, tuple(entries), model_name=model.name)
+    fused = dict(grower.fused)
     if overrides:
-        plan = apply_overrides(plan, overrides)
-    return plan
+        # Overridden entries become torch entries too: a forced column of
+        # a fused bank keeps its parts, a replicated norm its gradient sum.
+        auto = {e.path: e for e in entries}
+        forced = apply_overrides(ShardingPlan(world_size, entries), overrides)
+        entries = tuple(forced)
+        changed = [e for e in entries if e != auto[e.path]]
+        fused.update(_fused_by_graph(graph, changed, world_size))
+    entries = [_torch_entry(e, fused, partial, world_size) for e in entries]
+    return ShardingPlan(world_size, tuple(entries), model_name=model.name)
+
+
+def _fused_by_graph(graph, entries, n: int) -> dict[str, int]:
+    """`{path: parts}` of the `entries` splitting a kernel's last dim whose
+    output is cut into equal parts along it (a fused gate/up bank), as
+    `TorchGrower._fused_split` finds them in the automatic plan; a
+    ValueError where a part does not divide by `n`."""
+    found = {}
+    for e in entries:
+        last = len(e.shape) - 1
+        if not e.is_split or e.role == torch_experts.Role.EXPERT:
+            continue
+        if e.split_dim % len(e.shape) != last:
+            continue
+        for cut, parts in _last_dim_cuts(graph, e.path):
+            if e.shape[last] % (parts * n):
+                raise ValueError(
+                    f"{e.path} is cut into {parts} fused parts by "
+                    f"{cut}: splitting its last dim over {n} ranks needs "
+                    f"each part ({e.shape[last] // parts}) to divide by "
+                    f"{n}. Received overrides that split it so"
+                )
+            found[e.path] = parts
+    return found
+
+
+def _last_dim_cuts(graph, path: str):
+    """(op name, sections) of every equal `ops.split` along the last dim
+    of an output of an op reading the variable at `path`."""
+    for node in graph.nodes:
+        own = getattr(node.op, "_kernel", getattr(node.op, "kernel", None))
+        read = [a for a in node.args if isinstance(a, keras.Variable)]
+        if own is not None and isinstance(own, keras.Variable):
+            read.append(own)
+        if not any(v.path == path for v in read):
+            continue
+        for out in node.outputs:
+            for index, _ in graph.consumers.get(id(out), []):
+                cut = graph.nodes[index]
+                if cut.type_name not in ("Split", "ArraySplit"):
+                    continue
+                parts = cut.op.indices_or_sections
+                axis = cut.op.axis % len(out.shape)
+                if isinstance(parts, int) and axis == len(out.shape) - 1:
+                    yield cut.name, parts
 
 
 def _partial_paths(graph, planner) -> set[str]:
