@@ -247,6 +247,25 @@ def test_forced_inside_split_of_a_fused_bank_keeps_its_parts():
     assert norms and all(getattr(e, "sum_grad", False) for e in norms)
 
 
+def test_lora_layers_are_refused_unless_replicated():
+    """Planning only: the torch engine does not split LoRA-enabled layers
+    (a ValueError naming them), and runs them replicated if told to."""
+    import keras
+
+    from keras_tensor_parallel import zoo
+    from keras_tensor_parallel.backends.torch_plan import plan_torch
+
+    model = zoo.seed_mlp()
+    dense = [x for x in model.layers if isinstance(x, keras.layers.Dense)]
+    dense[0].enable_lora(4)
+    with pytest.raises(ValueError, match="LoRA-enabled"):
+        plan_torch(model, 2)
+    plan = plan_torch(
+        model, 2, overrides={f".*{dense[0].name}/.*": "replicated"}
+    )
+    assert not any(e.is_split for e in plan if dense[0].name + "/" in e.path)
+
+
 def _bank_model(squash: bool):
     """A tiny MoE block of its own weights: experts `(4, 16, 32)` and
     `(4, 32, 16)`, a router, and the combine `sum(out * routing, 0)`
