@@ -248,18 +248,22 @@ def test_forced_inside_split_of_a_fused_bank_keeps_its_parts():
 
 
 def test_lora_layers_are_refused_unless_replicated():
-    """Planning only: the torch engine does not split LoRA-enabled layers
-    (a ValueError naming them), and runs them replicated if told to."""
+    """Planning only: the torch and TensorFlow engines do not split
+    LoRA-enabled layers (a ValueError naming them), and run them
+    replicated if told to."""
     import keras
 
     from keras_tensor_parallel import zoo
     from keras_tensor_parallel.backends.torch_plan import plan_torch
+    from keras_tensor_parallel.model import _plan_for
 
     model = zoo.seed_mlp()
     dense = [x for x in model.layers if isinstance(x, keras.layers.Dense)]
     dense[0].enable_lora(4)
-    with pytest.raises(ValueError, match="LoRA-enabled"):
+    with pytest.raises(ValueError, match="torch engine does not split LoRA"):
         plan_torch(model, 2)
+    with pytest.raises(ValueError, match="TensorFlow engine does not split"):
+        _plan_for("tensorflow", model, 2, None)
     plan = plan_torch(
         model, 2, overrides={f".*{dense[0].name}/.*": "replicated"}
     )

@@ -12,7 +12,7 @@ from keras_tensor_parallel import devices as devices_lib
 from keras_tensor_parallel.backends import base
 from keras_tensor_parallel.backends import jax_zero as _zero
 from keras_tensor_parallel.loading import factory as loading_factory
-from keras_tensor_parallel.plan import ShardingPlan, plan_model
+from keras_tensor_parallel.plan import ShardingPlan, lora, plan_model
 from keras_tensor_parallel.plan.planner import check_built
 
 
@@ -394,13 +394,16 @@ def _plan_for(backend: str, model, size: int, overrides):
         from keras_tensor_parallel.backends.torch_plan import plan_torch
 
         return plan_torch(model, size, overrides=overrides)
-    return plan_model(
+    plan = plan_model(
         model,
         size,
         overrides=overrides,
         slice_operands=backend == "jax",
         op_projections=backend == "jax",
     )
+    if backend == "tensorflow":
+        lora.refuse_split(model, plan, "TensorFlow")
+    return plan
 
 
 def _check_plan(plan) -> None:

@@ -31,7 +31,7 @@ import keras
 
 from keras_tensor_parallel.backends import torch_experts
 from keras_tensor_parallel.backends.roles import shard_sizes
-from keras_tensor_parallel.plan import ShardingPlan
+from keras_tensor_parallel.plan import ShardingPlan, lora
 from keras_tensor_parallel.plan import graph as graph_lib
 from keras_tensor_parallel.plan import propagate as prop
 from keras_tensor_parallel.plan.decisions import Planner
@@ -98,29 +98,9 @@ def plan_torch(model, world_size: int, *, overrides=None) -> ShardingPlan:
         entries = tuple(forced)
         changed = [e for e in entries if e != auto[e.path]]
         fused.update(_fused_by_graph(graph, changed, world_size))
-    _refuse_split_lora(model, entries)
+    lora.refuse_split(model, entries, "torch")
     entries = [_torch_entry(e, fused, partial, world_size) for e in entries]
     return ShardingPlan(world_size, tuple(entries), model_name=model.name)
-
-
-def _refuse_split_lora(model, entries) -> None:
-    """LoRA-enabled layers with a split kernel do not run right on torch
-    (measured: forward 0.33 off one process): a ValueError, model unchanged."""
-    split = {e.path for e in entries if e.is_split}
-    lora = [
-        layer.name
-        for layer in model._flatten_layers(include_self=False)
-        if getattr(layer, "lora_enabled", False)
-        and any(v.path in split for v in layer.weights)
-    ]
-    if lora:
-        raise ValueError(
-            "The torch engine does not split LoRA-enabled layers yet. "
-            "Replicate them with overrides (for example "
-            f"{{'.*{lora[0]}/.*': 'replicated'}}), merge the adapters into "
-            "the kernel first, or use the JAX backend. "
-            f"Received: LoRA layers with split weights {lora}"
-        )
 
 
 def _fused_by_graph(graph, entries, n: int) -> dict[str, int]:

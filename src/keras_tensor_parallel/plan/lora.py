@@ -62,3 +62,26 @@ def _adapters(layer, decided):
 
 def _whole(var, reason):
     return ((None,) * len(var.shape), Role.REPLICATED, reason)
+
+
+def refuse_split(model, entries, engine: str) -> None:
+    """A ValueError where a LoRA-enabled layer has a split weight, for the
+    engines that run each rank's own code on its shards (torch, TensorFlow):
+    there the layer ran 0.33 off one process (torch, measured), a
+    replicated adapter's gradient is each rank's part, and Keras would save
+    each rank's part of the merged kernel."""
+    split = {e.path for e in entries if e.is_split}
+    lora = [
+        layer.name
+        for layer in model._flatten_layers(include_self=False)
+        if getattr(layer, "lora_enabled", False)
+        and any(v.path in split for v in layer.weights)
+    ]
+    if lora:
+        raise ValueError(
+            f"The {engine} engine does not split LoRA-enabled layers. "
+            "Replicate them with overrides (for example "
+            f"{{'.*{lora[0]}/.*': 'replicated'}}), merge the adapters into "
+            "the kernel first, or use the JAX backend. "
+            f"Received: LoRA layers with split weights {lora}"
+        )
