@@ -1,6 +1,7 @@
 """Issue 12 coverage table on the torch engine: device-0 (rank-0)
 parameter bytes measured on the local shards against the Megatron ideal
-plus the stated cost of padding / duplication, and one Adam train step's
+plus the stated cost of padding / duplication / kv heads held whole
+(multi-query kv kernels beside split query heads), and one Adam train step's
 collectives, for every coverage row of one world size.
 
 Usage (one launch per world size; rank 0 prints a markdown table):
@@ -13,7 +14,9 @@ of every variable's local value); collectives are the eager counts of one
 train step after a first one (batch 2, sequence 8): g all-reduces
 forward, f all-reduces backward, vocab logit gathers, subgroup sums of
 shared kv gradients and
-model-axis sums of partial (per-head norm) gradients, and all-gathers of
+model-axis sums of partial gradients ("norm sums": per-head norm scales,
+and the kv kernels and key norm multi-query attention holds whole beside
+split query heads), and all-gathers of
 any value (a weight gathered would show there).
 """
 
@@ -37,19 +40,28 @@ from keras_tensor_parallel import TensorParallelKeras  # noqa: E402
 from keras_tensor_parallel.backends import torch_collectives as tc  # noqa: E402
 from keras_tensor_parallel.backends import torch_heads  # noqa: E402
 
+# The plan's reason for a kv projection whose heads cannot split (fewer kv
+# heads than devices, as multi-query attention has): every device holds it
+# whole beside its split query heads (plan/decisions.py).
+HELD_WHOLE = "every device holds them whole, as its query heads read them"
+
 
 def stated_cost(plan) -> float:
     """Extra device-0 fraction that padding (rank 0 holds ceil(n / N)
-    heads) and duplication (a kv head held by `copies` ranks) must cost."""
+    heads), duplication (a kv head held by `copies` ranks) and kv heads
+    held whole beside split query heads (the ideal counts 1/N of them,
+    every device holds all) must cost."""
+    n = plan.world_size
     total = sum(math.prod(e.shape) for e in plan)
     extra = 0.0
     for e in plan:
+        size = math.prod(e.shape)
         if e.is_split and e.padded_shape is not None:
-            extra += (math.prod(e.padded_shape) - math.prod(e.shape)) / (
-                plan.world_size
-            )
+            extra += (math.prod(e.padded_shape) - size) / n
         elif e.copies > 1:
-            extra += math.prod(e.shape) * (e.copies - 1) / plan.world_size
+            extra += size * (e.copies - 1) / n
+        elif not e.is_split and len(e.shape) > 1 and HELD_WHOLE in e.reason:
+            extra += size * (1 - 1 / n)
     return extra / total
 
 
