@@ -110,6 +110,16 @@ qwen3_kv2 = _hub(
     **_LAYERS,
 )
 
+# Multi-query attention: 4 query heads, 1 kv head widened by ops.repeat.
+llama_mqa = _hub(
+    "LlamaBackbone",
+    num_query_heads=4,
+    num_key_value_heads=1,
+    hidden_dim=32,
+    intermediate_dim=64,
+    **_LAYERS,
+)
+
 
 def opt_heads(heads):
     return _hub(

@@ -9,7 +9,8 @@ gradient summed over each pair's subgroup), OPT with 6 heads holds
 2, 2, 1, 1 of them (padded heads as uneven shards), Mixtral and Qwen3-MoE
 hold whole experts (expert parallel), Gemma 3 splits its query heads
 (its own reshapes read local counts), also with 2 kv heads shared by
-pairs, and with sequence parallelism.
+pairs, and with sequence parallelism; Llama with 1 kv head (multi-query)
+splits its query heads, the kv head whole on every rank.
 Each rank builds the same reference from the same seed and compares the
 4-rank forward, gradients and 3 Adam steps against one process, its
 local shapes and bytes against the independently computed shard shapes,
@@ -38,6 +39,8 @@ def _model(name):
         return cm.own_weights_mlp, cm.np.random.RandomState(0).randn(2, 8, 32)
     if name == "heads-bias":
         return _heads_bias, cm.np.random.RandomState(0).randn(2, 8, 32)
+    if name == "llama-mqa":
+        return cm.llama_mqa, cm.inputs()
     return cm.ROWS[name.removesuffix("-sp")].build, cm.inputs()
 
 
@@ -198,17 +201,18 @@ def _ideal(name, plan):
     import coverage_models as cm
 
     row = cm.ROWS.get(name.removesuffix("-sp"))
-    if row is None:
+    if row is None and name != "llama-mqa":
         return None
+    router = row.router if row else ""
     total = sum(math.prod(e.shape) for e in plan)
     kv = sum(
         math.prod(e.shape)
         for e in plan
         if e.path.endswith(("attention/key/kernel", "attention/value/kernel"))
-        and e.shape[0] == 1
+        and 1 in e.shape[:2]  # Gemma (1, d, h), Llama (d, 1, h)
     )
     n = plan.world_size
-    return [cm.ideal_fraction(plan, row.router), kv * (1 - 1 / n) / total]
+    return [cm.ideal_fraction(plan, router), kv * (1 - 1 / n) / total]
 
 
 def _rank_shape(entry, rank, n):
@@ -261,6 +265,14 @@ CASES = {
         "attention/",
         ["heads", "heads", "heads", "row"] * 2,
         {"shared": 3 * 4, "partial": 3 * 4},
+    ),
+    # Llama, 4 query heads / 1 kv head (multi-query): one query head per
+    # rank, the kv head whole on every rank (copies 4, gradient summed over
+    # all 4), its `ops.repeat(key, 4)` repeating once (torch_heads.py).
+    "llama-mqa": (
+        "self_attention/",
+        (["heads"] * 3 + ["row"]) * 2,
+        {"shared": 3 * 4},
     ),
     # Shared kv blocks with sequence parallelism (seq 8 over 4 ranks): the
     # repeat is cut as in plain TP; the norms between regions, applied by
@@ -350,12 +362,19 @@ def test_weights_split_and_train_as_one_process(results, name):
             assert res["torch"][path][0] == 2, res["torch"]
             query = res["local"]["decoder_block_0/attention/query/kernel"]
             assert query == [2, 32, 8], query
-    if name == "gemma3":
+    if name == "llama-mqa":
+        for res in results:
+            for proj, shape in (("query", 1), ("key", 1), ("value", 1)):
+                path = f"transformer_layer_0/self_attention/{proj}/kernel"
+                assert res["local"][path] == [32, shape, 8], res["local"]
+            assert res["torch"][path][0] == 4, res["torch"]
+    if name in ("gemma3", "llama-mqa"):
         res = results[0]
         full = sum(math.prod(s) * 4 for s in res["real_shapes"])
         ideal, kv = res["ideal"]
         # Rank 0 holds the Megatron ideal plus the whole kv heads only.
         assert abs(res["bytes"] / full - (ideal + kv)) < 1e-9, (ideal, kv)
+    if name == "gemma3":
         local = results[0]["local"]
         assert local["decoder_block_0/attention/query/kernel"] == [1, 32, 16]
         assert local["decoder_block_0/attention/key/kernel"] == [1, 32, 16]

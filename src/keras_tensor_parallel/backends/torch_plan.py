@@ -12,7 +12,9 @@ but also lets torch
   less elsewhere; no zero head is stored or computed, so the result is
   exact without one;
 - share kv heads fewer than N (vLLM's duplication): each rank holds the kv
-  head its query heads read (`torch_heads.py` plays it);
+  head its query heads read (`torch_heads.py` plays it), also one kv
+  head held whole by all N (multi-query Llama / Qwen3: the walk back
+  from their `ops.repeat` follows the size-1 head dim);
 - split an expert bank whose output is cut into equal parts along the
   split dim (Qwen3-MoE's fused gate/up, `ops.split(gate_up, 2, -1)`):
   each rank holds its block of every part (`FUSED`, `torch_heads.py`).
@@ -243,8 +245,60 @@ class TorchGrower(torch_experts.ExpertGrower):
         # wrap's check run with a ValueError, rolled back).
         return super()._groups_heads(region, node, t, d)
 
+    def _recruit_producer(self, region, t, dim, depth) -> None:
+        node = self._producer(t)
+        if (
+            node is not None
+            and node.type_name == "Repeat"
+            and node.op.axis is not None
+            and node.op.axis % len(t.shape) == dim
+            and node.inputs[0].shape[dim] == 1
+            and depth <= 32
+        ):
+            # Multi-query attention (Llama's `ops.repeat(key, q // 1)`):
+            # the one kv head's dim has size 1, which the base walk never
+            # splits; walk it back to the kv projection, shared by all N
+            # ranks (copies N: each holds the head whole, the repeat
+            # count made local by `torch_heads.py`).
+            self._recruit_one_head(region, node.inputs[0], dim, depth + 1)
+            return
+        super()._recruit_producer(region, t, dim, depth)
+
+    def _producer(self, t):
+        index = self.graph.producer.get(id(t))
+        return None if index is None else self.graph.nodes[index]
+
+    def _recruit_one_head(self, region, t, dim, depth) -> None:
+        """`_recruit_producer` for a one-head dim `dim` of `t`."""
+        node = self._producer(t)
+        if node is None or depth > 32 or id(t) in region.split:
+            return
+        proj = self.proj_at.get(node.index)
+        if proj is not None:
+            self._recruit(region, proj, t, dim)
+            return
+        if node.opaque_reason:
+            return
+        if self.rules.get(id(node.op)) is not None and not prop.known(node):
+            return
+        for i, src in enumerate(node.inputs):
+            for c in range(len(src.shape)):
+                if src.shape[c] != 1 or id(src) in region.split:
+                    continue
+                trial = [None] * len(node.inputs)
+                trial[i] = c
+                try:
+                    if prop.propagate(node, trial)[0] != dim:
+                        continue
+                except prop.Conflict:
+                    continue
+                self._recruit_one_head(region, src, c, depth + 1)
+                break
+
     def _visit(self, region, node, recruit: bool) -> None:
         if self._fused_split(region, node):
+            return
+        if self._one_head_reshape(region, node):
             return
         shared = any(id(x) in region.copies for x in node.inputs)
         super()._visit(region, node, recruit)
@@ -261,6 +315,25 @@ class TorchGrower(torch_experts.ExpertGrower):
             raise prop.Conflict(
                 f"{node.name} widens shared kv heads without a repeat"
             )
+
+    def _one_head_reshape(self, region, node) -> bool:
+        """A reshape keeping the dims up to a shared one-head dim (RoPE's
+        `reshape(stack((-x2, x1), -2), shape(x))` on a 1-kv-head key):
+        the head dim stays put; the shape rule alone cannot tell where a
+        size-1 dim goes."""
+        if node.type_name != "Reshape" or len(node.inputs) != 1:
+            return False
+        x, out = node.inputs[0], node.outputs[0]
+        d = region.split.get(id(x))
+        if d is None or x.shape[d] != 1 or region.copies.get(id(x), 1) == 1:
+            return False
+        if tuple(x.shape[: d + 1]) != tuple(out.shape[: d + 1]):
+            return False
+        if any(id(t) in self.split_tensors for t in node.inputs):
+            raise prop.Conflict(f"{node.name} is inside another split region")
+        region.visited[node.index] = node
+        self._set_split(region, out, d, region.copies[id(x)])
+        return True
 
     def _fused_split(self, region, node) -> bool:
         """A column output cut into equal parts along its split dim: each
