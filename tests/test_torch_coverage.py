@@ -39,7 +39,7 @@ def _model(name):
         return cm.own_weights_mlp, cm.np.random.RandomState(0).randn(2, 8, 32)
     if name == "heads-bias":
         return _heads_bias, cm.np.random.RandomState(0).randn(2, 8, 32)
-    if name == "llama-mqa":
+    if name.startswith("llama-mqa"):
         return cm.llama_mqa, cm.inputs()
     return cm.ROWS[name.removesuffix("-sp")].build, cm.inputs()
 
@@ -201,7 +201,7 @@ def _ideal(name, plan):
     import coverage_models as cm
 
     row = cm.ROWS.get(name.removesuffix("-sp"))
-    if row is None and name != "llama-mqa":
+    if row is None and not name.startswith("llama-mqa"):
         return None
     router = row.router if row else ""
     total = sum(math.prod(e.shape) for e in plan)
@@ -270,6 +270,11 @@ CASES = {
     # rank, the kv head whole on every rank (copies 4, gradient summed over
     # all 4), its `ops.repeat(key, 4)` repeating once (torch_heads.py).
     "llama-mqa": (
+        "self_attention/",
+        (["heads"] * 3 + ["row"]) * 2,
+        {"shared": 3 * 4},
+    ),
+    "llama-mqa-sp": (
         "self_attention/",
         (["heads"] * 3 + ["row"]) * 2,
         {"shared": 3 * 4},
@@ -362,13 +367,13 @@ def test_weights_split_and_train_as_one_process(results, name):
             assert res["torch"][path][0] == 2, res["torch"]
             query = res["local"]["decoder_block_0/attention/query/kernel"]
             assert query == [2, 32, 8], query
-    if name == "llama-mqa":
+    if name.startswith("llama-mqa"):
         for res in results:
             for proj, shape in (("query", 1), ("key", 1), ("value", 1)):
                 path = f"transformer_layer_0/self_attention/{proj}/kernel"
                 assert res["local"][path] == [32, shape, 8], res["local"]
             assert res["torch"][path][0] == 4, res["torch"]
-    if name in ("gemma3", "llama-mqa"):
+    if name in ("gemma3", "llama-mqa", "llama-mqa-sp"):
         res = results[0]
         full = sum(math.prod(s) * 4 for s in res["real_shapes"])
         ideal, kv = res["ideal"]
