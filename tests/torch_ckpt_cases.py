@@ -63,7 +63,9 @@ def _hub_data():
 def _shared_plan(model, n: int):
     """plan_torch's plan with attention split as it splits 2 kv heads at
     4 ranks: query heads split, the kv head shared by both (copies=2),
-    the output a row, the query/key norm scales' gradients summed."""
+    the output a row, the query/key norm scales' gradients summed.
+    plan_torch now plans 1 kv head at 2 ranks this way itself (31c812a);
+    the case keeps the layout explicit so it does not hang on that."""
     import dataclasses
 
     from keras_tensor_parallel.backends.torch_plan import (
@@ -84,7 +86,7 @@ def _shared_plan(model, n: int):
             e = dataclasses.replace(e, axes=("model", None, None), role="row")
         elif name.endswith("dense_layernorm/scale"):
             fields = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
-            e = TorchVariablePlan(**fields, sum_grad=True)
+            e = TorchVariablePlan(**{**fields, "sum_grad": True})
         out.append(e)
     return plan.with_variables(out)
 
