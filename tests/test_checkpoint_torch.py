@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch_ckpt_cases as cases
+from torch_ckpt_cases import _Losses, _same
 
 HERE = os.path.abspath(__file__)
 TIMEOUT = 200
@@ -70,21 +71,6 @@ def _make(seed: int, dropout: float, optimizer: str = "adam"):
     return tp
 
 
-class _Losses:
-    def __new__(cls):
-        import keras
-
-        class Losses(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.losses = []
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.losses.append(float(logs["loss"]))
-
-        return Losses()
-
-
 def _fit(tp, part: slice, callbacks=()):
     x, y = _data()
     losses = _Losses()
@@ -98,10 +84,6 @@ def _fit(tp, part: slice, callbacks=()):
         callbacks=[losses, *callbacks],
     )
     return losses.losses
-
-
-def _same(a, b) -> bool:
-    return all(np.array_equal(u, v) for u, v in zip(a, b))
 
 
 def _resume_case(folder: str, dropout: float) -> dict:
