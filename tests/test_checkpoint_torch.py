@@ -92,20 +92,13 @@ def _resume_case(folder: str, dropout: float) -> dict:
     tp = _make(1, dropout)
     _fit(tp, slice(0, 12))
     path = tp.save_checkpoint(folder)
-    losses = _fit(tp, slice(12, 24))
-    weights = tp.get_weights()
-    slots = [np.asarray(v) for v in tp.optimizer.variables]
-    fresh = _make(7, dropout)  # other initial weights
-    loaded = fresh.load_checkpoint(folder)
-    resumed = _fit(fresh, slice(12, 24))
     return {
         "path": path,
-        "loaded": loaded,
-        "losses": losses,
-        "resumed": resumed,
-        "weights_equal": _same(weights, fresh.get_weights()),
-        "slots_equal": _same(
-            slots, [np.asarray(v) for v in fresh.optimizer.variables]
+        **cases.resume(
+            tp,
+            folder,
+            lambda: _make(7, dropout),  # other initial weights
+            lambda model: _fit(model, slice(12, 24)),
         ),
         "roles": sorted({e.role.value for e in tp.plan if e.is_split}),
     }

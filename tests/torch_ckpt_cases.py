@@ -120,6 +120,28 @@ def _hub_fit(tp, part: slice):
     return losses.losses
 
 
+def resume(tp, folder: str, make_fresh, fit) -> dict:
+    """After `tp` saved its checkpoint to `folder`: `fit(tp)` goes on, and
+    a fresh model from `make_fresh()` loads the checkpoint and runs the
+    same `fit`; both runs' losses, and whether weights and Adam slots end
+    equal."""
+    losses = fit(tp)
+    weights = tp.get_weights()
+    slots = [np.asarray(v) for v in tp.optimizer.variables]
+    fresh = make_fresh()
+    loaded = fresh.load_checkpoint(folder)
+    resumed = fit(fresh)
+    return {
+        "loaded": loaded,
+        "losses": losses,
+        "resumed": resumed,
+        "weights_equal": _same(weights, fresh.get_weights()),
+        "slots_equal": _same(
+            slots, [np.asarray(v) for v in fresh.optimizer.variables]
+        ),
+    }
+
+
 def hub_case(name: str, folder: str) -> dict:
     """2 steps, checkpoint, 2 more; a fresh model restored trains the same
     2; the gathered weights at the save go to `saved.npz` (rank 0)."""
@@ -131,20 +153,13 @@ def hub_case(name: str, folder: str) -> dict:
     saved = tp.get_weights()  # gathered by the engine, not through DCP
     if dist.get_rank() == 0:
         np.savez(os.path.join(folder, "saved.npz"), *saved)
-    losses = _hub_fit(tp, slice(4, 8))
-    weights = tp.get_weights()
-    slots = [np.asarray(v) for v in tp.optimizer.variables]
-    fresh = _make_hub(name, 7)
-    loaded = fresh.load_checkpoint(folder)
-    resumed = _hub_fit(fresh, slice(4, 8))
     return {
         "path": path,
-        "loaded": loaded,
-        "losses": losses,
-        "resumed": resumed,
-        "weights_equal": _same(weights, fresh.get_weights()),
-        "slots_equal": _same(
-            slots, [np.asarray(v) for v in fresh.optimizer.variables]
+        **resume(
+            tp,
+            folder,
+            lambda: _make_hub(name, 7),
+            lambda model: _hub_fit(model, slice(4, 8)),
         ),
         "odd": {
             e.path: [e.copies, getattr(e, "parts", 1)]
